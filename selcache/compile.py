@@ -1,0 +1,218 @@
+"""Compile a root's policy in a sandbox and capture the whole output set.
+
+The sandbox is a private directory holding a copy of the root's policy inputs
+(config, semanage.conf, the store's modules and local customizations) and of
+the account files genhomedircon reads. ``semodule -N -B`` runs *chrooted* into
+it, inside a private mount namespace where the host's /usr (the toolchain) is
+bind-mounted read-only. Everything libsemanage reads unprefixed, /etc/passwd
+through getpwent, /etc/shells, /etc/login.defs, /export/home, even
+/etc/selinux/config for the policy type, is then the root's own and never the
+host's, the way ``semodule`` inside an ostree deployment sees them. The live
+root is never written here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import stat
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from . import fsutil
+from .errors import CompileError, InputsChanged, SandboxError
+from .inputs import ACCOUNT_DIRS, DIRECTORY, MISSING, Inputs
+from .layout import CONFIG_REL, SEMANAGE_CONF_REL, Layout
+from .runner import Runner, run
+
+log = logging.getLogger(__name__)
+
+#: Host directories the toolchain lives in. Symlinks (merged /usr) are
+#: recreated as symlinks; directories are bind-mounted read-only.
+HOST_DIRS = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32")
+
+#: Files in the store that belong to libsemanage's locking, not to the policy.
+_NOT_OUTPUTS = frozenset({"semanage.trans.LOCK", "semanage.read.LOCK"})
+
+# Runs inside `unshare --mount`: bind the toolchain read-only, then chroot.
+# argv: SANDBOX DIR... -- COMMAND...
+_SANDBOX_SH = r"""
+set -e
+S=$1; shift
+while [ "$1" != "--" ]; do
+    mount --rbind "/$1" "$S/$1"
+    mount -o remount,bind,ro "$S/$1"
+    shift
+done
+shift
+exec chroot "$S" "$@"
+"""
+
+
+@dataclass(frozen=True)
+class Compiled:
+    """The output set of one compile: root-relative path -> (bytes, mode)."""
+
+    files: Mapping[str, tuple[bytes, int]]
+    seconds: float
+    generated_inputs: frozenset[str]  # input files the compile created (HLL->CIL)
+
+
+def _unshare_argv() -> list[str]:
+    argv = ["unshare", "--mount", "--propagation", "private"]
+    if os.geteuid() != 0:
+        argv[1:1] = ["--user", "--map-root-user"]
+    return argv
+
+
+class Sandbox:
+    """A private directory laid out like a root, for libsemanage to run in."""
+
+    def __init__(self, layout: Layout, workdir: str | None = None) -> None:
+        self.layout = layout
+        self.path = tempfile.mkdtemp(prefix="selcache-sandbox-", dir=workdir)
+        self.placed: set[str] = set()
+        self._bind: list[str] = []
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()
+
+    def cleanup(self) -> None:
+        # The bind mounts lived in a namespace that died with semodule, but a
+        # leftover mount here would make rmtree delete the host's /usr.
+        for d in self._bind:
+            target = os.path.join(self.path, d)
+            if os.path.ismount(target) or (os.path.isdir(target) and os.listdir(target)):
+                raise SandboxError(f"{target} is still mounted; not removing {self.path}")
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def write(self, rel: str, data: bytes, mode: int = 0o644) -> None:
+        full = os.path.join(self.path, rel)
+        os.makedirs(os.path.dirname(full), exist_ok=True)
+        with open(full, "wb") as fh:
+            fh.write(data)
+        os.chmod(full, mode)
+        self.placed.add(rel)
+
+    def populate(self, inputs: Inputs) -> None:
+        """Copy every present input into the sandbox, checking each file's bytes
+        against the digest the key was computed from."""
+        layout = self.layout
+        with fsutil.opened_root(layout.root) as rfd:
+            for f in inputs.files:
+                if f.rel.startswith(("host:", "selcache:")) or f.digest == MISSING:
+                    continue
+                if f.digest == DIRECTORY:
+                    os.makedirs(os.path.join(self.path, f.rel), exist_ok=True)
+                    continue
+                data = fsutil.read_rel(rfd, f.rel)
+                if hashlib.sha256(data).hexdigest() != f.digest:
+                    raise InputsChanged(f"{f.rel} changed while it was copied into the sandbox")
+                st = fsutil.lstat_rel(rfd, f.rel)
+                self.write(f.rel, data, stat.S_IMODE(st.st_mode) if st else 0o644)
+        self._prepare_system()
+
+    def _prepare_system(self) -> None:
+        etc = os.path.join(self.path, "etc")
+        os.makedirs(etc, exist_ok=True)
+        # getpwent must read the root's /etc/passwd and nothing else: the host's
+        # nsswitch.conf may add systemd or sss users.
+        with open(os.path.join(etc, "nsswitch.conf"), "w") as fh:
+            fh.write("passwd: files\ngroup: files\nshadow: files\n")
+        if os.path.exists("/etc/ld.so.cache"):
+            shutil.copyfile("/etc/ld.so.cache", os.path.join(etc, "ld.so.cache"))
+        os.makedirs(os.path.join(self.path, self.layout.active), exist_ok=True)
+        for d in HOST_DIRS:
+            host = f"/{d}"
+            target = os.path.join(self.path, d)
+            if os.path.islink(host):
+                os.symlink(os.readlink(host), target)
+            elif os.path.isdir(host):
+                os.mkdir(target)
+                self._bind.append(d)
+        for rel in ACCOUNT_DIRS:
+            parent = os.path.join(self.path, os.path.dirname(rel))
+            os.makedirs(parent, exist_ok=True)
+
+    def run(self, argv: Sequence[str], runner: Runner = run) -> str:
+        """Run ``argv`` chrooted into the sandbox; return its stderr."""
+        full = [*_unshare_argv(), "--", "sh", "-c", _SANDBOX_SH, "sh", self.path, *self._bind,
+                "--", *argv]
+        try:
+            done = runner(full)
+        except FileNotFoundError as exc:
+            raise SandboxError(f"cannot run {full[0]}: {exc}") from exc
+        if done.returncode != 0:
+            if "unshare failed" in done.stderr or "mount:" in done.stderr or "chroot:" in done.stderr:
+                raise SandboxError(f"compile sandbox failed (need root or user namespaces): "
+                                   f"{done.stderr.strip()}")
+            raise CompileError(f"{argv[0]} failed with exit code {done.returncode}",
+                               stderr=done.stderr, returncode=done.returncode)
+        return done.stderr
+
+    def harvest(self) -> dict[str, tuple[bytes, int]]:
+        """Every file the compile produced: the store's computed files and the
+        final files under etc/selinux/TYPE. Inputs we placed are not outputs."""
+        layout = self.layout
+        out: dict[str, tuple[bytes, int]] = {}
+        for top in (layout.active, layout.final):
+            base = os.path.join(self.path, top)
+            if not os.path.isdir(base):
+                continue
+            fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                for entry in fsutil.walk_files(fd):
+                    rel = f"{top}/{entry.rel}"
+                    name = rel.rsplit("/", 1)[-1]
+                    if rel in self.placed or name in _NOT_OUTPUTS or rel in out:
+                        continue
+                    if rel == f"{layout.active}/commit_num":
+                        continue  # a counter, bumped at install, never cached
+                    if rel.startswith(layout.store + "/") and not rel.startswith(layout.active + "/"):
+                        continue  # ostree layout: the store's own dir (locks, previous/)
+                    with open(os.path.join(self.path, rel), "rb") as fh:
+                        out[rel] = (fh.read(), stat.S_IMODE(entry.st.st_mode))
+            finally:
+                os.close(fd)
+        return out
+
+
+def semodule_build_argv(inputs: Inputs) -> list[str]:
+    """``semodule -N -B``, keeping the store's flags: semodule -B without -D
+    *clears* disable_dontaudit (policycoreutils semodule.c: ``else if (build)
+    semanage_set_disable_dontaudit(sh, 0)``), which would rewrite an input."""
+    layout = inputs.layout
+    argv = ["semodule", "-N", "-s", layout.policy_type, "-B"]
+    present = {f.rel for f in inputs.files if f.digest != MISSING}
+    if f"{layout.active}/disable_dontaudit" in present:
+        argv.append("-D")
+    if f"{layout.active}/preserve_tunables" in present:
+        argv.append("-P")
+    return argv
+
+
+def compile_policy(inputs: Inputs, *, runner: Runner = run, workdir: str | None = None) -> Compiled:
+    """Full rebuild of ``inputs`` in a sandbox: ``semodule -N -B``."""
+    layout = inputs.layout
+    start = time.monotonic()
+    with Sandbox(layout, workdir) as sb:
+        sb.populate(inputs)
+        stderr = sb.run(semodule_build_argv(inputs), runner)
+        if stderr.strip():
+            log.info("semodule: %s", stderr.strip())
+        files = sb.harvest()
+    policy = [p for p in files if p.startswith(f"{layout.final}/policy/policy.")]
+    if not policy:
+        raise CompileError("semodule succeeded but wrote no policy."
+                           f"N under /{layout.final}/policy", stderr=stderr)
+    generated = frozenset(p for p in files if p.startswith(f"{layout.active}/modules/"))
+    seconds = time.monotonic() - start
+    log.info("compiled %s policy in %.2fs (%d files)", layout.policy_type, seconds, len(files))
+    return Compiled(files=files, seconds=seconds, generated_inputs=generated)
