@@ -279,11 +279,14 @@ def recover(layout: Layout) -> tuple[str, ...]:
 
 
 def _next_commit_num(active_fd: int) -> bytes:
+    """libsemanage's format: the decimal number NUL-padded to 32 bytes
+    (semanage_commit_sandbox); an unreadable one counts as 0, as it does there."""
     try:
-        old = int(fsutil.read_at(active_fd, "commit_num", max_size=64).strip() or b"0")
+        text = fsutil.read_at(active_fd, "commit_num", max_size=64).split(b"\0")[0].strip()
+        old = int(text or b"0")
     except (FileNotFoundError, ValueError):
         old = 0
-    return str(old + 1).encode()
+    return str(max(old, 0) + 1).encode().ljust(32, b"\0")
 
 
 def install_outputs(layout: Layout, outputs: Mapping[str, tuple[bytes, int]]) -> InstallReport:

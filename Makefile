@@ -1,0 +1,48 @@
+# Set-up is part of every target: a fresh Debian 12 machine needs only `make demo`
+# or `make test`. The venv uses the system python3 so Debian's python3-setools
+# (not PyPI's unrelated "setools") is importable.
+SYSTEM_PYTHON := /usr/bin/python3
+VENV := .venv
+PY := $(VENV)/bin/python
+APT_PACKAGES := semodule-utils secilc policycoreutils python3-setools python3-venv \
+	python3-pip python3-matplotlib util-linux
+SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
+STAMP := $(VENV)/.selcache-installed
+
+.PHONY: all deps demo test test-fast bench typecheck clean
+
+all: test
+
+deps: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@missing=""; for p in $(APT_PACKAGES); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		$(SUDO) apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+	test -x $(PY) || $(SYSTEM_PYTHON) -m venv --system-site-packages $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	$(PY) -c "import setools, diskcache, watchdog" 
+	touch $@
+
+demo: deps
+	$(SUDO) ./scripts/demo.sh
+
+test: deps
+	$(SUDO) $(PY) -m pytest -q
+
+test-fast: deps
+	$(SUDO) $(PY) -m pytest -q -m "not refpolicy"
+
+typecheck: deps
+	$(PY) -m mypy selcache
+
+bench: deps
+	$(SUDO) $(PY) benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) .cache demo-root .pytest_cache .mypy_cache

@@ -1,0 +1,75 @@
+"""finalize on the small policy: every scenario leaves the same bytes as a
+fresh `semodule -N -B` of the same inputs, run with the root's accounts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import selcache
+from selcache.layout import read_layout
+
+from .conftest import assert_matches_reference, output_files, tree_digest
+from .scenarios import SCENARIOS, booleans_local
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, id=n) for n in SCENARIOS])
+def test_scenario_matches_fresh_semodule(name: str, small_root: Path, cache_dir: str,
+                                         tmp_path: Path) -> None:
+    before = output_files(small_root)
+    SCENARIOS[name](small_root)
+    result = selcache.finalize(str(small_root), cache_dir)
+    if name == "nothing":
+        assert result.written == ()
+    else:
+        assert result.action == "rebuilt"
+        assert output_files(small_root) != before
+    assert_matches_reference(small_root, tmp_path)
+    # And the same inputs again are recognised as installed.
+    again = selcache.finalize(str(small_root), cache_dir)
+    assert again.action == "unchanged"
+    assert again.key == result.key
+
+
+def test_change_reverted_is_reused(small_root: Path, cache_dir: str, tmp_path: Path) -> None:
+    first = selcache.finalize(str(small_root), cache_dir)
+    original = output_files(small_root)
+    booleans_local(small_root)
+    changed = selcache.finalize(str(small_root), cache_dir)
+    assert changed.action == "rebuilt" and changed.key != first.key
+    (small_root / read_layout(str(small_root)).active / "booleans.local").unlink()
+    reverted = selcache.finalize(str(small_root), cache_dir)
+    assert reverted.action == "reused"
+    assert reverted.key == first.key
+    assert reverted.compile_seconds is None
+    assert output_files(small_root) == original
+    assert_matches_reference(small_root, tmp_path)
+
+
+def test_stage_fills_cache_and_writes_nothing(small_root: Path, cache_dir: str) -> None:
+    booleans_local(small_root)
+    before = tree_digest(small_root)
+    staged = selcache.stage(str(small_root), cache_dir)
+    assert staged.action == "compiled"
+    assert tree_digest(small_root) == before
+    assert selcache.stage(str(small_root), cache_dir).action == "cached"
+    status = selcache.status(str(small_root), cache_dir)
+    assert status["predicted_action"] == "reused" and not status["installed_matches"]
+    result = selcache.finalize(str(small_root), cache_dir)
+    assert result.action == "reused" and result.key == staged.key
+
+
+def test_commit_num_bumped_once_per_install(small_root: Path, cache_dir: str) -> None:
+    active = small_root / read_layout(str(small_root)).active
+    def commit_num() -> int:
+        data = (active / "commit_num").read_bytes()
+        assert len(data) == 32  # libsemanage's NUL-padded format
+        return int(data.rstrip(b"\0"))
+
+    old = commit_num()
+    booleans_local(small_root)
+    selcache.finalize(str(small_root), cache_dir)
+    assert commit_num() == old + 1
+    selcache.finalize(str(small_root), cache_dir)  # unchanged: nothing written
+    assert commit_num() == old + 1
