@@ -37,6 +37,8 @@ HOST_DIRS = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32")
 
 #: Files in the store that belong to libsemanage's locking, not to the policy.
 _NOT_OUTPUTS = frozenset({"semanage.trans.LOCK", "semanage.read.LOCK"})
+#: libsemanage's transaction directories in the store: never outputs.
+_STORE_SCRATCH = frozenset({"previous", "tmp"})
 
 # Runs inside `unshare --mount`: bind the toolchain read-only, then chroot.
 # argv: SANDBOX DIR... -- COMMAND...
@@ -175,8 +177,9 @@ class Sandbox:
                         continue
                     if rel == f"{layout.active}/commit_num":
                         continue  # a counter, bumped at install, never cached
-                    if rel.startswith(layout.store + "/") and not rel.startswith(layout.active + "/"):
-                        continue  # ostree layout: the store's own dir (locks, previous/)
+                    if rel.startswith(layout.store + "/") and \
+                            rel[len(layout.store) + 1:].split("/")[0] in _STORE_SCRATCH:
+                        continue  # ostree layout: libsemanage's own dirs inside the final dir
                     with open(os.path.join(self.path, rel), "rb") as fh:
                         out[rel] = (fh.read(), stat.S_IMODE(entry.st.st_mode))
             finally:

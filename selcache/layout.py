@@ -10,6 +10,7 @@ reads both from the root itself and compiles in a chroot, so neither leaks in.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 
@@ -139,7 +140,7 @@ def read_layout(root: str) -> Layout:
     version = settings.get("policy-version")
     if version is not None and not version.isdigit():
         raise InvalidRoot(f"{SEMANAGE_CONF_REL}: policy-version={version!r} is not a number")
-    layout = Layout(root=root, policy_type=policy_type, store_root=_store_root(settings),
+    layout = Layout(root=os.path.abspath(root), policy_type=policy_type, store_root=_store_root(settings),
                     settings=settings)
     with fsutil.opened_root(root) as rfd:
         try:

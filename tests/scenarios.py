@@ -35,14 +35,14 @@ def module_added(root: Path) -> None:
 
 
 def module_disabled(root: Path) -> None:
-    name = "web" if read_layout(str(root)).policy_type == "small" else "apache"
+    name = "web" if read_layout(str(root)).policy_type == "small" else "games"
     d = _active(root) / "modules/disabled"
     d.mkdir(exist_ok=True)
     (d / name).write_text("")
 
 
 def module_removed(root: Path) -> None:
-    name = "web" if read_layout(str(root)).policy_type == "small" else "games"
+    name = "web" if read_layout(str(root)).policy_type == "small" else "uml"
     shutil.rmtree(_active(root) / "modules/100" / name)
 
 

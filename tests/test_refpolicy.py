@@ -1,0 +1,53 @@
+"""The same guarantees on Debian's real refpolicy (331 modules): slow, marked."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import selcache
+from selcache.layout import read_layout
+
+from .conftest import assert_matches_reference, output_files, tree_digest
+from .scenarios import SCENARIOS, booleans_local
+
+pytestmark = pytest.mark.refpolicy
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, id=n) for n in SCENARIOS])
+def test_scenario_matches_fresh_semodule(name: str, ref_root: Path, cache_dir: str,
+                                         tmp_path: Path) -> None:
+    before = output_files(ref_root)
+    SCENARIOS[name](ref_root)
+    result = selcache.finalize(str(ref_root), cache_dir)
+    if name == "nothing":
+        assert result.written == ()
+    else:
+        assert result.action == "rebuilt"
+        assert output_files(ref_root) != before
+    assert_matches_reference(ref_root, tmp_path)
+
+
+def test_reverted_change_is_reused(ref_root: Path, cache_dir: str, tmp_path: Path) -> None:
+    original = output_files(ref_root)
+    selcache.stage(str(ref_root), cache_dir)
+    booleans_local(ref_root)
+    assert selcache.finalize(str(ref_root), cache_dir).action == "rebuilt"
+    (ref_root / read_layout(str(ref_root)).active / "booleans.local").unlink()
+    reverted = selcache.finalize(str(ref_root), cache_dir)
+    assert reverted.action == "reused"
+    assert output_files(ref_root) == original
+    assert_matches_reference(ref_root, tmp_path)
+
+
+def test_bad_module_fails_with_semodule_message_and_root_untouched(
+        ref_root: Path, cache_dir: str) -> None:
+    from .scenarios import POLICIES, add_module
+
+    add_module(ref_root, "bad", POLICIES / "broken/bad.cil")
+    before = tree_digest(ref_root)
+    with pytest.raises(selcache.CompileError) as info:
+        selcache.finalize(str(ref_root), cache_dir)
+    assert "Failed to resolve" in str(info.value)
+    assert tree_digest(ref_root) == before
