@@ -113,14 +113,20 @@ class _Session:
         self.timings["check_installed"] = time.monotonic() - t
         return ok
 
-    def lookup(self, key: Key) -> tuple[Manifest | None, dict[str, bytes] | None]:
+    def lookup(self, key: Key) -> Manifest | None:
         t = time.monotonic()
         manifest = self.cache.get_manifest(key.hex)
-        outputs = None
-        if manifest is not None and manifest.policy_type == self.layout.policy_type:
-            outputs = self.cache.load_outputs(manifest)
+        if manifest is not None and manifest.policy_type != self.layout.policy_type:
+            manifest = None
         self.timings["lookup"] = time.monotonic() - t
-        return manifest, outputs
+        return manifest
+
+    def load(self, manifest: Manifest) -> dict[str, bytes] | None:
+        """The manifest's blobs, each verified; None if any is missing or bad."""
+        t = time.monotonic()
+        outputs = self.cache.load_outputs(manifest)
+        self.timings["load"] = time.monotonic() - t
+        return outputs
 
     def compile_and_store(self, inputs: Inputs, key: Key) -> tuple[Manifest, dict[str, bytes]]:
         """Compile, confirm the root's inputs did not move meanwhile, then store."""
@@ -208,11 +214,12 @@ def _finalize(s: _Session, start: float) -> Result:
         recovered = recover(layout)
         for attempt in (1, 2):
             inputs, key = s.discover()
-            manifest, outputs = s.lookup(key)
+            manifest = s.lookup(key)
             if manifest is not None and s.installed_matches(manifest):
                 s.cache.count("hits")
                 return Result("unchanged", layout.root, layout.policy_type, key.hex,
                               time.monotonic() - start, recovered=recovered, timings=s.timings)
+            outputs = s.load(manifest) if manifest is not None else None
             compile_seconds = None
             if manifest is not None and outputs is not None:
                 s.cache.count("hits")
@@ -254,8 +261,8 @@ def stage(root: str = "/", cache_dir: str | None = None, *, runner: Runner = run
         with root_lock(s.layout):
             for _attempt in (1, 2):
                 inputs, key = s.discover()
-                manifest, outputs = s.lookup(key)
-                if manifest is not None and outputs is not None:
+                manifest = s.lookup(key)
+                if manifest is not None and s.load(manifest) is not None:
                     return Result("cached", s.layout.root, s.layout.policy_type, key.hex,
                                   time.monotonic() - start, timings=s.timings)
                 try:
@@ -277,11 +284,11 @@ def status(root: str = "/", cache_dir: str | None = None) -> dict[str, Any]:
     s = _Session(root, cache_dir, run, None)
     try:
         inputs, key = s.discover()
-        manifest, outputs = s.lookup(key)
+        manifest = s.lookup(key)
         matches = manifest is not None and s.installed_matches(manifest)
         if matches:
             predicted = "unchanged"
-        elif manifest is not None and outputs is not None:
+        elif manifest is not None and all(s.cache.has_blob(f.sha256) for f in manifest.files):
             predicted = "reused"
         else:
             predicted = "rebuilt"
