@@ -73,3 +73,43 @@ def test_commit_num_bumped_once_per_install(small_root: Path, cache_dir: str) ->
     assert commit_num() == old + 1
     selcache.finalize(str(small_root), cache_dir)  # unchanged: nothing written
     assert commit_num() == old + 1
+
+
+def _runner_that_edits(path: Path, times: int):  # type: ignore[no-untyped-def]
+    """The real runner, but the root's input changes while semodule runs, as a
+    concurrent semodule commit or /etc edit would."""
+    from selcache.runner import run
+
+    calls = {"n": 0}
+
+    def runner(argv):  # type: ignore[no-untyped-def]
+        done = run(argv)
+        if calls["n"] < times:
+            path.write_text(f"httpd_can_network_connect={calls['n'] % 2}\nnis_enabled=1\n")
+        calls["n"] += 1
+        return done
+
+    return runner
+
+
+def test_input_change_during_compile_is_retried(small_root: Path, cache_dir: str,
+                                                tmp_path: Path) -> None:
+    from selcache.store import Cache
+
+    booleans = small_root / read_layout(str(small_root)).active / "booleans.local"
+    booleans.write_text("httpd_can_network_connect=1\n")
+    stale_key = selcache.status(str(small_root), cache_dir)["key"]
+    result = selcache.finalize(str(small_root), cache_dir, runner=_runner_that_edits(booleans, 1))
+    assert result.action == "rebuilt" and result.key != stale_key
+    with Cache(cache_dir) as cache:
+        assert cache.get_manifest(stale_key) is None  # never stored under the old key
+    assert_matches_reference(small_root, tmp_path)
+
+
+def test_inputs_that_keep_changing_fail_clearly(small_root: Path, cache_dir: str) -> None:
+    booleans = small_root / read_layout(str(small_root)).active / "booleans.local"
+    before = output_files(small_root)
+    with pytest.raises(selcache.InputsChanged, match="kept changing"):
+        selcache.finalize(str(small_root), cache_dir, runner=_runner_that_edits(booleans, 99))
+    assert output_files(small_root) == before
+    assert selcache.InputsChanged.exit_code == 5
