@@ -9,7 +9,7 @@ APT_PACKAGES := semodule-utils secilc policycoreutils python3-setools python3-ve
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 STAMP := $(VENV)/.selcache-installed
 
-.PHONY: all deps demo test test-fast bench typecheck clean
+.PHONY: all deps demo test test-fast typecheck clean
 
 all: test
 
@@ -40,9 +40,6 @@ test-fast: deps
 
 typecheck: deps
 	$(PY) -m mypy selcache
-
-bench: deps
-	$(SUDO) $(PY) benchmarks/run.py
 
 clean:
 	rm -rf $(VENV) .cache demo-root .pytest_cache .mypy_cache

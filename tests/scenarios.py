@@ -99,3 +99,22 @@ SCENARIOS: dict[str, Callable[[Path], None]] = {
     "policy-version-changed": policy_version,
     "disable-dontaudit": disable_dontaudit,
 }
+
+
+def finalize_scenario(name: str, root: Path, cache_dir: str, workdir: Path) -> str:
+    """Apply scenario ``name``, finalize, and check the result against a fresh
+    semodule -B of the same inputs. Returns the key finalize reported."""
+    import selcache
+
+    from .conftest import assert_matches_reference, output_files
+
+    before = output_files(root)
+    SCENARIOS[name](root)
+    result = selcache.finalize(str(root), cache_dir)
+    if name == "nothing":
+        assert result.written == ()
+    else:
+        assert result.action == "rebuilt"
+        assert output_files(root) != before
+    assert_matches_reference(root, workdir)
+    return result.key

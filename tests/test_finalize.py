@@ -11,25 +11,17 @@ import selcache
 from selcache.layout import read_layout
 
 from .conftest import assert_matches_reference, output_files, tree_digest
-from .scenarios import SCENARIOS, booleans_local
+from .scenarios import SCENARIOS, booleans_local, finalize_scenario
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, id=n) for n in SCENARIOS])
 def test_scenario_matches_fresh_semodule(name: str, small_root: Path, cache_dir: str,
                                          tmp_path: Path) -> None:
-    before = output_files(small_root)
-    SCENARIOS[name](small_root)
-    result = selcache.finalize(str(small_root), cache_dir)
-    if name == "nothing":
-        assert result.written == ()
-    else:
-        assert result.action == "rebuilt"
-        assert output_files(small_root) != before
-    assert_matches_reference(small_root, tmp_path)
+    key = finalize_scenario(name, small_root, cache_dir, tmp_path)
     # And the same inputs again are recognised as installed.
     again = selcache.finalize(str(small_root), cache_dir)
     assert again.action == "unchanged"
-    assert again.key == result.key
+    assert again.key == key
 
 
 def test_change_reverted_is_reused(small_root: Path, cache_dir: str, tmp_path: Path) -> None:

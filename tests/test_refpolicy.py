@@ -10,7 +10,7 @@ import selcache
 from selcache.layout import read_layout
 
 from .conftest import assert_matches_reference, output_files, tree_digest
-from .scenarios import SCENARIOS, booleans_local
+from .scenarios import SCENARIOS, booleans_local, finalize_scenario
 
 pytestmark = pytest.mark.refpolicy
 
@@ -18,15 +18,7 @@ pytestmark = pytest.mark.refpolicy
 @pytest.mark.parametrize("name", [pytest.param(n, id=n) for n in SCENARIOS])
 def test_scenario_matches_fresh_semodule(name: str, ref_root: Path, cache_dir: str,
                                          tmp_path: Path) -> None:
-    before = output_files(ref_root)
-    SCENARIOS[name](ref_root)
-    result = selcache.finalize(str(ref_root), cache_dir)
-    if name == "nothing":
-        assert result.written == ()
-    else:
-        assert result.action == "rebuilt"
-        assert output_files(ref_root) != before
-    assert_matches_reference(ref_root, tmp_path)
+    finalize_scenario(name, ref_root, cache_dir, tmp_path)
 
 
 def test_reverted_change_is_reused(ref_root: Path, cache_dir: str, tmp_path: Path) -> None:
