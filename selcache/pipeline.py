@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import stat
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,7 +20,14 @@ from typing import Any
 from . import fsutil
 from .compile import Compiled, compile_policy
 from .errors import InputsChanged, SelcacheError, VerifyMismatch
-from .inputs import Hasher, InputFile, Inputs, component_digest, discover_inputs
+from .inputs import (
+    Hasher,
+    InputFile,
+    Inputs,
+    component_digest,
+    discover_inputs,
+    module_component,
+)
 from .install import InstallReport, install_outputs, recover, root_lock, semanage_lock
 from .key import Key, compute_key, fold
 from .layout import Layout, read_layout
@@ -157,8 +165,7 @@ class _Moved(Exception):
 
 
 def _is_reg(st: os.stat_result) -> bool:
-    import stat as _stat
-    return _stat.S_ISREG(st.st_mode)
+    return stat.S_ISREG(st.st_mode)
 
 
 def _manifest(key: Key, layout: Layout, compiled: Compiled, path: str) -> Manifest:
@@ -170,8 +177,6 @@ def _manifest(key: Key, layout: Layout, compiled: Compiled, path: str) -> Manife
 
 
 def _post_install_key(inputs: Inputs, compiled: Compiled) -> Key:
-    from .inputs import module_component
-
     layout = inputs.layout
     files = {f.rel: f for f in inputs.files}
     for rel in compiled.generated_inputs:

@@ -43,3 +43,19 @@ def test_bad_module_fails_with_semodule_message_and_root_untouched(
         selcache.finalize(str(ref_root), cache_dir)
     assert "Failed to resolve" in str(info.value)
     assert tree_digest(ref_root) == before
+
+
+def test_missing_cil_is_converted_installed_and_then_unchanged(
+        ref_root: Path, cache_dir: str, tmp_path: Path) -> None:
+    """A module with only its HLL (.pp) file: the compile converts it, the
+    converted CIL is installed like semodule -B would, and the root's new key
+    (now with the CIL present) is already known."""
+    cil = ref_root / read_layout(str(ref_root)).active / "modules/100/games/cil"
+    original = cil.read_bytes()
+    cil.unlink()
+    first = selcache.finalize(str(ref_root), cache_dir)
+    assert first.action == "rebuilt"
+    assert cil.read_bytes() == original  # libsemanage's conversion is deterministic
+    assert_matches_reference(ref_root, tmp_path)
+    again = selcache.finalize(str(ref_root), cache_dir)
+    assert again.action == "unchanged" and again.key != first.key
