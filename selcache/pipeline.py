@@ -24,6 +24,7 @@ from .inputs import (
     Hasher,
     InputFile,
     Inputs,
+    StatEntry,
     component_digest,
     discover_inputs,
     module_component,
@@ -84,6 +85,7 @@ class _Session:
         self.runner = runner
         self.workdir = workdir
         self.rid = root_id(root)
+        self._stat_cache: dict[str, StatEntry] | None = None
         self.timings["open"] = time.monotonic() - t
 
     def close(self) -> None:
@@ -91,10 +93,16 @@ class _Session:
 
     def discover(self) -> tuple[Inputs, Key]:
         t = time.monotonic()
-        stat_cache = self.cache.get_json(f"statcache:{self.rid}") or {}
-        inputs = discover_inputs(self.layout, {k: tuple(v) for k, v in stat_cache.items()})
-        if inputs.hashed or set(inputs.stat_cache) != set(stat_cache):
+        # finalize discovers up to three times (lookup, after compile, before
+        # install): read the stored stat cache once per session, then reuse it.
+        if self._stat_cache is None:
+            stored = self.cache.get_json(f"statcache:{self.rid}") or {}
+            self._stat_cache = {k: tuple(v) for k, v in stored.items()}
+        previous = self._stat_cache
+        inputs = discover_inputs(self.layout, previous)
+        if inputs.hashed or set(inputs.stat_cache) != set(previous):
             self.cache.put_json(f"statcache:{self.rid}", inputs.stat_cache)
+        self._stat_cache = dict(inputs.stat_cache)
         key = compute_key(inputs)
         self.timings["discover"] = self.timings.get("discover", 0.0) + time.monotonic() - t
         log.debug("discovered %d inputs (%d hashed), key %s", len(inputs.files), inputs.hashed,
