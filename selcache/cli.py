@@ -34,7 +34,18 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("status", parents=[common], help="show the root's key, cache state and last finalize")
     sub.add_parser("finalize", parents=[common],
                    help="make the installed policy match the inputs (cache, else compile)")
-    sub.add_parser("stage", parents=[common], help="compile ahead into the cache; install nothing")
+    stage = sub.add_parser("stage", parents=[common],
+                           help="compile ahead into the cache; install nothing")
+    # The watcher's background compile: not the baseline that changes are reported against.
+    stage.add_argument("--precompile", action="store_true", help=argparse.SUPPRESS)
+    watch = sub.add_parser("watch", parents=[common],
+                           help="follow the root's inputs, keep a journal, precompile changes")
+    watch.add_argument("--debounce", type=float, default=3.0, metavar="SECONDS",
+                       help="quiet time before a background precompile (default: 3)")
+    watch.add_argument("--interval", type=float, default=5.0, metavar="SECONDS",
+                       help="heartbeat interval (default: 5)")
+    watch.add_argument("--no-precompile", dest="precompile", action="store_false",
+                       help="only keep the journal; never compile")
     sub.add_parser("verify", parents=[common],
                    help="recompile in a sandbox and compare byte for byte with what is installed")
     gc = sub.add_parser("gc", parents=[common], help="drop unreferenced blobs and cull the cache")
@@ -69,9 +80,35 @@ def _human_status(doc: dict[str, Any]) -> str:
         f"{cache['hits']} hits, {cache['misses']} misses ({cache['dir']})",
         f"last finalize:      {last_line}",
     ]
+    watcher = doc.get("watcher")
+    if watcher is None:
+        lines.append("watcher:            never ran")
+    else:
+        state = "running" if watcher["running"] else "not running"
+        trust = "trusted" if watcher["trusted"] else f"untrusted ({watcher['untrusted_because']})"
+        dirty = ", ".join(watcher["dirty"]) or "nothing"
+        pre = watcher["precompile"]
+        lines += [
+            f"watcher:            {state} (pid {watcher['pid']}), heartbeat "
+            f"{watcher['heartbeat_age']:.1f}s ago, generation {watcher['generation']}, {trust}",
+            f"changed since base: {dirty}",
+            f"precompile:         {pre['state']}"
+            + (f" ({pre['key'][:16]})" if pre.get("key") else ""),
+        ]
     if doc.get("interrupted_install"):
         lines.append("WARNING: an interrupted install was found; the next finalize repairs it")
     return "\n".join(lines)
+
+
+def _watch(args: argparse.Namespace) -> None:
+    from .watch import Watcher  # watchdog is loaded by this command only
+
+    watcher = Watcher(args.root, args.cache_dir or pipeline.default_cache_dir(),
+                      debounce=args.debounce, interval=args.interval,
+                      precompile=args.precompile)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda *_: watcher.stop())
+    watcher.run(ready=lambda: log.info("watching %s", watcher.layout.root))
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -79,13 +116,17 @@ def _run(args: argparse.Namespace) -> int:
         doc = pipeline.status(args.root, args.cache_dir)
         _emit(args, doc, _human_status(doc))
     elif args.command in ("finalize", "stage"):
-        fn = pipeline.finalize if args.command == "finalize" else pipeline.stage
-        result = fn(args.root, args.cache_dir)
+        if args.command == "finalize":
+            result = pipeline.finalize(args.root, args.cache_dir)
+        else:
+            result = pipeline.stage(args.root, args.cache_dir, precompile=args.precompile)
         doc = result.to_json()
         human = f"{result.action}: {result.policy_type} policy of {result.root} in {result.seconds:.3f}s"
         if result.written:
             human += f" ({len(result.written)} files written)"
         _emit(args, doc, human)
+    elif args.command == "watch":
+        _watch(args)
     elif args.command == "verify":
         doc = pipeline.verify(args.root, args.cache_dir)
         _emit(args, doc, f"ok: {doc['files']} installed files equal a fresh compile")
@@ -96,9 +137,16 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     # `selcache status | head` must not die with a BrokenPipeError traceback.
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    # A stopped service or a superseded precompile gets SIGTERM: unwind, so the
+    # compile's child is killed and its sandbox removed, like Ctrl-C.
+    signal.signal(signal.SIGTERM, _terminate)
     args = _parser().parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="selcache: %(levelname)s: %(message)s",

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import fsutil
+from . import fsutil, journal
 from .compile import Compiled, compile_policy
 from .errors import InputsChanged, SelcacheError, VerifyMismatch
 from .inputs import (
@@ -57,6 +57,7 @@ class Result:
     compile_seconds: float | None = None
     recovered: tuple[str, ...] = ()
     timings: Mapping[str, float] = field(default_factory=dict)
+    hashed: int = 0  # input files read and hashed (the rest the stat cache vouched for)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -70,6 +71,7 @@ class Result:
             "compile_seconds": self.compile_seconds,
             "recovered": list(self.recovered),
             "timings": {k: round(v, 6) for k, v in self.timings.items()},
+            "hashed": self.hashed,
         }
 
 
@@ -86,6 +88,7 @@ class _Session:
         self.workdir = workdir
         self.rid = root_id(root)
         self._stat_cache: dict[str, StatEntry] | None = None
+        self.hashed = 0
         self.timings["open"] = time.monotonic() - t
 
     def close(self) -> None:
@@ -103,6 +106,7 @@ class _Session:
         if inputs.hashed or set(inputs.stat_cache) != set(previous):
             self.cache.put_json(f"statcache:{self.rid}", inputs.stat_cache)
         self._stat_cache = dict(inputs.stat_cache)
+        self.hashed += inputs.hashed
         key = compute_key(inputs)
         self.timings["discover"] = self.timings.get("discover", 0.0) + time.monotonic() - t
         log.debug("discovered %d inputs (%d hashed), key %s", len(inputs.files), inputs.hashed,
@@ -231,7 +235,8 @@ def _finalize(s: _Session, start: float) -> Result:
             if manifest is not None and s.installed_matches(manifest):
                 s.cache.count("hits")
                 return Result("unchanged", layout.root, layout.policy_type, key.hex,
-                              time.monotonic() - start, recovered=recovered, timings=s.timings)
+                              time.monotonic() - start, recovered=recovered, timings=s.timings,
+                              hashed=s.hashed)
             outputs = s.load(manifest) if manifest is not None else None
             compile_seconds = None
             if manifest is not None and outputs is not None:
@@ -259,36 +264,45 @@ def _finalize(s: _Session, start: float) -> Result:
             return Result(action, layout.root, layout.policy_type, key.hex,
                           time.monotonic() - start, written=report.written,
                           compile_seconds=compile_seconds, recovered=recovered + report.recovered,
-                          timings=s.timings)
+                          timings=s.timings, hashed=s.hashed)
     raise InputsChanged(f"the SELinux inputs of {layout.root} kept changing while selcache "
                         "worked (twice); nothing was installed. Retry when the root is quiet.")
 
 
 def stage(root: str = "/", cache_dir: str | None = None, *, runner: Runner = run,
-          workdir: str | None = None) -> Result:
+          workdir: str | None = None, precompile: bool = False) -> Result:
     """Compile ahead and fill the cache; install nothing. Action is ``cached``
-    (already there) or ``compiled``."""
+    (already there) or ``compiled``. A stage is the watcher's baseline (what
+    it reports changes against), unless it is the watcher's own background
+    ``precompile``."""
     start = time.monotonic()
     s = _Session(root, cache_dir, runner, workdir)
     try:
-        with root_lock(s.layout):
-            for _attempt in (1, 2):
-                inputs, key = s.discover()
-                manifest = s.lookup(key)
-                if manifest is not None and s.load(manifest) is not None:
-                    return Result("cached", s.layout.root, s.layout.policy_type, key.hex,
-                                  time.monotonic() - start, timings=s.timings)
-                try:
-                    s.compile_and_store(inputs, key)
-                except _Moved:
-                    continue
-                return Result("compiled", s.layout.root, s.layout.policy_type, key.hex,
-                              time.monotonic() - start, compile_seconds=s.timings.get("compile"),
-                              timings=s.timings)
-        raise InputsChanged(f"the SELinux inputs of {s.layout.root} kept changing during the "
-                            "compile (twice); nothing was cached")
+        result = _stage(s, start)
+        if not precompile:
+            s.cache.put_json(journal.staged_name(s.rid), {"key": result.key, "when": time.time()})
+        return result
     finally:
         s.close()
+
+
+def _stage(s: _Session, start: float) -> Result:
+    with root_lock(s.layout):
+        for _attempt in (1, 2):
+            inputs, key = s.discover()
+            manifest = s.lookup(key)
+            if manifest is not None and s.load(manifest) is not None:
+                return Result("cached", s.layout.root, s.layout.policy_type, key.hex,
+                              time.monotonic() - start, timings=s.timings)
+            try:
+                s.compile_and_store(inputs, key)
+            except _Moved:
+                continue
+            return Result("compiled", s.layout.root, s.layout.policy_type, key.hex,
+                          time.monotonic() - start, compile_seconds=s.timings.get("compile"),
+                          timings=s.timings)
+    raise InputsChanged(f"the SELinux inputs of {s.layout.root} kept changing during the "
+                        "compile (twice); nothing was cached")
 
 
 def status(root: str = "/", cache_dir: str | None = None) -> dict[str, Any]:
@@ -318,6 +332,7 @@ def status(root: str = "/", cache_dir: str | None = None) -> dict[str, Any]:
             "interrupted_install": _interrupted(s.layout),
             "cache": {"dir": s.cache.directory, **s.cache.stats()},
             "last_finalize": s.cache.get_json(f"last:{s.rid}"),
+            "watcher": journal.report(journal.load(s.cache, s.rid)),
         }
     finally:
         s.close()
