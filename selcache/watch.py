@@ -198,6 +198,8 @@ class Watcher:
         trouble = _TroubleLog(self._on_trouble)
         wd_log = logging.getLogger("watchdog")
         wd_log.addHandler(trouble)
+        if not wd_log.isEnabledFor(logging.WARNING):
+            wd_log.setLevel(logging.WARNING)  # its warnings are how lost events show
         cache = Cache(self.cache_dir)
         previous = journal_mod.load(cache, self.rid)
         if previous is not None:
