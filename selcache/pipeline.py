@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import fsutil, journal
-from .compile import Compiled, compile_policy
-from .errors import InputsChanged, SelcacheError, VerifyMismatch
+from .compile import LINKED_FILES, Compiled, compile_policy, relink_policy
+from .errors import CompileError, InputsChanged, SelcacheError, VerifyMismatch
 from .inputs import (
     Hasher,
     InputFile,
@@ -30,7 +30,8 @@ from .inputs import (
     module_component,
 )
 from .install import InstallReport, install_outputs, recover, root_lock, semanage_lock
-from .key import Key, compute_key, fold
+from .key import RELINKABLE, Key, compute_key, diff_components, fold, is_link_component, \
+    module_set_key
 from .layout import Layout, read_layout
 from .runner import Runner, run
 from .store import DEFAULT_CACHE_DIR, Cache, Manifest, OutputFile, root_id
@@ -153,20 +154,69 @@ class _Session:
         t = time.monotonic()
         compiled = compile_policy(inputs, runner=self.runner, workdir=self.workdir)
         self.timings["compile"] = time.monotonic() - t
+        return self._store_compiled(inputs, key, compiled, "rebuilt")
+
+    def _store_compiled(self, inputs: Inputs, key: Key, compiled: Compiled,
+                        path: str) -> tuple[Manifest, dict[str, bytes]]:
         _, after = self.discover()
         if after.hex != key.hex:
             raise _Moved()
-        manifest = _manifest(key, self.layout, compiled, "rebuilt")
+        manifest = _manifest(key, self.layout, compiled, path)
         blobs = {p: data for p, (data, _mode) in compiled.files.items()}
         t = time.monotonic()
         self.cache.put_entry(manifest, blobs)
+        stored = key
         if compiled.generated_inputs:
             # The compile created inputs (CIL converted from HLL). Once
             # installed, the root has them, and its key is this one.
-            post = _post_install_key(inputs, compiled)
-            self.cache.put_entry(_manifest(post, self.layout, compiled, "rebuilt"), blobs)
+            stored = _post_install_key(inputs, compiled)
+            self.cache.put_entry(_manifest(stored, self.layout, compiled, path), blobs)
+        # The linked outputs of this module set, for later relinks.
+        self.cache.put_json(f"linked:{module_set_key(stored.components)}", {"key": stored.hex})
         self.timings["store"] = time.monotonic() - t
         return manifest, blobs
+
+    def relink_source(self, key: Key) -> Manifest | None:
+        """A cached compile this key can be relinked from: the same module
+        set (module-set key), and every component that differs from it one
+        that a relink applies exactly (key.RELINKABLE)."""
+        doc = self.cache.get_json(f"linked:{module_set_key(key.components)}")
+        if not isinstance(doc, dict) or not isinstance(doc.get("key"), str):
+            return None
+        base = self.cache.get_manifest(doc["key"])
+        if base is None or base.policy_type != self.layout.policy_type:
+            return None
+        differ = diff_components(base.components, key.components)
+        if any(is_link_component(n) or n not in RELINKABLE for n in differ):
+            return None
+        wanted = {f"{self.layout.active}/{n}" for n in LINKED_FILES}
+        files = [f for f in base.files if f.path in wanted]
+        if len(files) < len(wanted) - 1 or not all(self.cache.has_blob(f.sha256) for f in files):
+            return None  # modules_checksum may be absent; nothing else may
+        return base
+
+    def relink_and_store(self, inputs: Inputs, key: Key) -> tuple[Manifest, dict[str, bytes]] | None:
+        """The relinked path, or None when no cached compile qualifies."""
+        base = self.relink_source(key)
+        if base is None:
+            return None
+        wanted = {f"{self.layout.active}/{n}" for n in LINKED_FILES}
+        linked: dict[str, bytes] = {}
+        for f in base.files:
+            if f.path in wanted:
+                data = self.cache.get_blob(f.sha256)
+                if data is None:
+                    return None
+                linked[f.path] = data
+        t = time.monotonic()
+        try:
+            compiled = relink_policy(inputs, linked, runner=self.runner, workdir=self.workdir)
+        except CompileError as exc:
+            # The full compile decides: it fails too if the inputs are bad.
+            log.warning("relink failed, rebuilding instead: %s", exc)
+            return None
+        self.timings["compile"] = time.monotonic() - t
+        return self._store_compiled(inputs, key, compiled, "relinked")
 
     def record(self, doc: dict[str, Any]) -> None:
         self.cache.put_json(f"last:{self.rid}", doc)
@@ -245,13 +295,16 @@ def _finalize(s: _Session, start: float) -> Result:
             else:
                 s.cache.count("misses")
                 try:
-                    manifest, outputs = s.compile_and_store(inputs, key)
+                    relinked = s.relink_and_store(inputs, key)
+                    if relinked is not None:
+                        (manifest, outputs), action = relinked, "relinked"
+                    else:
+                        (manifest, outputs), action = s.compile_and_store(inputs, key), "rebuilt"
                 except _Moved:
                     log.warning("inputs of %s changed during the compile (attempt %d)",
                                 layout.root, attempt)
                     continue
                 compile_seconds = s.timings.get("compile")
-                action = "rebuilt"
             t = time.monotonic()
             with semanage_lock(layout):
                 _, now = s.discover()
@@ -295,7 +348,8 @@ def _stage(s: _Session, start: float) -> Result:
                 return Result("cached", s.layout.root, s.layout.policy_type, key.hex,
                               time.monotonic() - start, timings=s.timings)
             try:
-                s.compile_and_store(inputs, key)
+                if s.relink_and_store(inputs, key) is None:
+                    s.compile_and_store(inputs, key)
             except _Moved:
                 continue
             return Result("compiled", s.layout.root, s.layout.policy_type, key.hex,
@@ -317,6 +371,8 @@ def status(root: str = "/", cache_dir: str | None = None) -> dict[str, Any]:
             predicted = "unchanged"
         elif manifest is not None and all(s.cache.has_blob(f.sha256) for f in manifest.files):
             predicted = "reused"
+        elif s.relink_source(key) is not None:
+            predicted = "relinked"
         else:
             predicted = "rebuilt"
         return {
