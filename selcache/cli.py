@@ -120,9 +120,9 @@ def _human_diff(doc: dict[str, Any]) -> str:
     for name, d in doc["differences"].items():
         label = LABELS.get(name, name)
         if name == "booleans":
-            d = {"added": [f"{b['name']} (default {str(b['default']).lower()})"
+            d = {"added": [f"{b['name']} default {str(b['default']).lower()}"
                            for b in d["added"]],
-                 "removed": [f"{b['name']} (default {str(b['default']).lower()})"
+                 "removed": [f"{b['name']} default {str(b['default']).lower()}"
                              for b in d["removed"]],
                  "modified": [f"{b['name']} default {str(b['from']).lower()} -> "
                               f"{str(b['to']).lower()}" for b in d["modified"]]}
