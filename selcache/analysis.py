@@ -9,6 +9,10 @@ setools' ``PolicyDifference`` (Debian's python3-setools) sees them.
 
 setools is imported inside the functions, never at module import: ``finalize``
 and the other hot paths must not pay for it (see tests/test_analysis.py).
+setools 4.4 never frees a policy it has loaded (its policyrep symbol caches
+are weak-keyed by the policy but their values refer back to it), about 30 MiB
+per refpolicy comparison: a long-running process should compare in a child
+process.
 
 Two depths:
 
@@ -422,7 +426,10 @@ def compare(left: PolicySource | None, right: PolicySource, *, full: bool = Fals
     if left is None:
         return _against_nothing(right_p, full, step, start)
     left_p = load_policy(left, what=labels[0])
+    return _compare(left_p, right_p, full, step, start)
 
+
+def _compare(left_p: Any, right_p: Any, full: bool, step: _Steps, start: float) -> Comparison:
     from setools.diff import PolicyDifference  # noqa: PLC0415
 
     diff = PolicyDifference(left_p, right_p)
