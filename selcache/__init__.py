@@ -12,12 +12,13 @@ from .errors import (
     CompileError,
     InputsChanged,
     InstallError,
+    InvalidPolicy,
     InvalidRoot,
     SandboxError,
     SelcacheError,
     VerifyMismatch,
 )
-from .pipeline import Result, finalize, gc, stage, status, verify
+from .pipeline import Result, diff, finalize, gc, stage, status, verify
 
 __version__ = "0.1.0"
 
@@ -27,12 +28,14 @@ __all__ = [
     "CompileError",
     "InputsChanged",
     "InstallError",
+    "InvalidPolicy",
     "InvalidRoot",
     "Result",
     "SandboxError",
     "SelcacheError",
     "VerifyMismatch",
     "__version__",
+    "diff",
     "finalize",
     "gc",
     "stage",

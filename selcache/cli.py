@@ -7,7 +7,7 @@ import json
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import __version__, pipeline
@@ -48,6 +48,13 @@ def _parser() -> argparse.ArgumentParser:
                        help="only keep the journal; never compile")
     sub.add_parser("verify", parents=[common],
                    help="recompile in a sandbox and compare byte for byte with what is installed")
+    diff = sub.add_parser(
+        "diff", parents=[common],
+        help="semantic diff (setools) of the installed policy against the one finalize would "
+             "install; exits 0 whether or not they differ")
+    diff.add_argument("--full", action="store_true",
+                      help="expand and list every TE rule (slow: about 30 s on the refpolicy); "
+                           "the default counts rules as stored")
     gc = sub.add_parser("gc", parents=[common], help="drop unreferenced blobs and cull the cache")
     gc.add_argument("--max-age", type=float, default=None, metavar="SECONDS",
                     help="also drop entries created more than SECONDS ago")
@@ -111,6 +118,90 @@ def _watch(args: argparse.Namespace) -> None:
     watcher.run(ready=lambda: log.info("watching %s", watcher.layout.root))
 
 
+#: Items shown per line or category in the human diff; --json has them all.
+_DIFF_SHOWN = 5
+
+
+def _names(items: list[Any], full: bool) -> str:
+    shown = items if full else items[:_DIFF_SHOWN]
+    more = ", ..." if len(shown) < len(items) else ""
+    return ", ".join(str(i) for i in shown) + more
+
+
+def _human_diff(doc: dict[str, Any]) -> str:
+    from .analysis import LABELS
+
+    full = doc["mode"] == "full"
+    pending = doc["pending"]
+    origin = {"cache": "from the cache", "compiled": "compiled now"}[pending["source"]]
+    lines = [f"root:       {doc['root']} (policy type {doc['policy_type']})"]
+    if doc["installed"] is None:
+        lines.append(f"installed:  nothing (no /{pending['path'].rpartition('/')[0]}/policy.N): "
+                     "everything below is added")
+    else:
+        lines.append(f"installed:  /{doc['installed']['path']}")
+    lines.append(f"pending:    /{pending['path']} ({origin})")
+    changed_rules = {k: c for k, c in doc["rules"].items()
+                     if c["added"] or c["removed"] or c["modified"]}
+    if doc["byte_identical"]:
+        lines.append("result:     no differences (the files are byte-identical)")
+        return "\n".join(lines)
+    if doc["identical"]:
+        lines.append("result:     no semantic differences (the files differ in their bytes only)")
+        return "\n".join(lines)
+    how = "full diff" if full else "quick diff; --full lists every rule"
+    what = [f"{n} {noun}" for n, noun in ((len(doc["differences"]), "categories"),
+                                          (len(changed_rules), "rule kinds")) if n]
+    lines.append(f"result:     {' and '.join(what)} differ ({how})")
+    lines.append("")
+    for name, d in doc["differences"].items():
+        label = LABELS.get(name, name)
+        if name == "booleans":
+            d = {"added": [f"{b['name']} default {str(b['default']).lower()}"
+                           for b in d["added"]],
+                 "removed": [f"{b['name']} default {str(b['default']).lower()}"
+                             for b in d["removed"]],
+                 "modified": [f"{b['name']} default {str(b['from']).lower()} -> "
+                              f"{str(b['to']).lower()}" for b in d["modified"]]}
+        counts = []
+        if d["added"]:
+            counts.append(f"+{len(d['added'])} ({_names(d['added'], full)})")
+        if d["removed"]:
+            counts.append(f"-{len(d['removed'])} ({_names(d['removed'], full)})")
+        if counts:
+            lines.append(f"{label}: {' '.join(counts)}")
+        shown = d["modified"] if full else d["modified"][:_DIFF_SHOWN]
+        lines += [f"{label}: {m}" for m in shown]
+        if len(shown) < len(d["modified"]):
+            lines.append(f"{label}: ... {len(d['modified']) - len(shown)} more changed (--json)")
+    for kind, c in changed_rules.items():
+        line = f"{LABELS.get(kind, kind)}: +{c['added']} -{c['removed']}"
+        lines.append(line + (f" ~{c['modified']}" if c["modified"] else ""))
+        details = doc["rule_changes"].get(kind)
+        if details:
+            lines += [f"  + {r}" for r in details["added"]]
+            lines += [f"  - {r}" for r in details["removed"]]
+            lines += [f"  ~ {r}" for r in details["modified"]]
+    if not full and changed_rules:
+        lines.append("(quick diff: TE rules are counted as stored in the policy, an attribute "
+                     "rule once; --full expands and lists them)")
+    return "\n".join(lines)
+
+
+def _progress() -> Callable[[str, int, int], None] | None:
+    """A one-line progress display on stderr, only when it is a terminal."""
+    if not sys.stderr.isatty():
+        return None
+
+    def show(phase: str, done: int, total: int) -> None:
+        sys.stderr.write("\r\033[K")
+        if phase != "done":
+            sys.stderr.write(f"selcache: {phase} [{done}/{total}]")
+        sys.stderr.flush()
+
+    return show
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.command == "status":
         doc = pipeline.status(args.root, args.cache_dir)
@@ -130,6 +221,14 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "verify":
         doc = pipeline.verify(args.root, args.cache_dir)
         _emit(args, doc, f"ok: {doc['files']} installed files equal a fresh compile")
+    elif args.command == "diff":
+        progress = _progress()
+        try:
+            doc = pipeline.diff(args.root, args.cache_dir, full=args.full, progress=progress)
+        finally:
+            if progress is not None:
+                progress("done", 0, 0)
+        _emit(args, doc, _human_diff(doc))
     elif args.command == "gc":
         doc = {"version": 1, **pipeline.gc(args.cache_dir, max_age=args.max_age)}
         _emit(args, doc, ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in doc.items()

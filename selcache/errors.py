@@ -22,6 +22,11 @@ class InvalidRoot(SelcacheError, ValueError):
     exit_code = 3
 
 
+class InvalidPolicy(InvalidRoot):
+    """A file that should be a binary SELinux policy (``policy.N``) is not a
+    readable one: truncated, corrupt, or another kind of file."""
+
+
 class CompileError(SelcacheError):
     """libsemanage (semodule) failed to build the policy."""
 

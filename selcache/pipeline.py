@@ -13,7 +13,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -432,3 +432,93 @@ def verify(root: str = "/", cache_dir: str | None = None, *, runner: Runner = ru
 def gc(cache_dir: str | None = None, *, max_age: float | None = None) -> dict[str, int]:
     with Cache(cache_dir or default_cache_dir()) as cache:
         return cache.gc(max_age=max_age)
+
+
+def _is_policy_file(name: str) -> bool:
+    return name.startswith("policy.") and name[len("policy."):].isdigit()
+
+
+def _installed_policy(layout: Layout, name: str) -> tuple[str, bytes] | None:
+    """The installed kernel policy: ``name`` (the file finalize would write)
+    if present, else the highest ``policy.N``; None when there is none."""
+    policy_dir = f"{layout.final}/policy"
+    with fsutil.opened_root(layout.root) as rfd:
+        try:
+            with fsutil.opened_dir(rfd, policy_dir) as dfd:
+                names = [n for n in os.listdir(dfd) if _is_policy_file(n)]
+                if not names:
+                    return None
+                if name not in names:
+                    name = max(names, key=lambda n: int(n.split(".")[1]))
+                return f"{policy_dir}/{name}", fsutil.read_at(dfd, name, what=f"{policy_dir}/{name}")
+        except FileNotFoundError:
+            return None
+
+
+def diff(root: str = "/", cache_dir: str | None = None, *, full: bool = False,
+         progress: Callable[[str, int, int], None] | None = None, runner: Runner = run,
+         workdir: str | None = None) -> dict[str, Any]:
+    """A semantic diff (setools) from the installed kernel policy to the one
+    finalize would install: the cached entry's ``policy.N``, else a compile
+    that fills the cache as ``stage`` does. Installs nothing. ``full``
+    compares every rule (slow); the default is the quick comparison of
+    ``analysis.compare``. Returns the ``selcache diff --json`` document."""
+    from . import analysis  # setools stays off the finalize path
+
+    start = time.monotonic()
+    s = _Session(root, cache_dir, runner, workdir)
+    try:
+        layout = s.layout
+        with root_lock(layout):
+            for _attempt in (1, 2):
+                inputs, key = s.discover()
+                manifest = s.lookup(key)
+                outputs = s.load(manifest) if manifest is not None else None
+                source = "cache"
+                if manifest is None or outputs is None:
+                    if progress is not None:
+                        progress("compiling the pending policy", 0, 1)
+                    try:
+                        manifest, outputs = s.compile_and_store(inputs, key)
+                    except _Moved:
+                        continue
+                    source = "compiled"
+                break
+            else:
+                raise InputsChanged(f"the SELinux inputs of {layout.root} kept changing during "
+                                    "the compile (twice); nothing was compared")
+            pending = [p for p in outputs
+                       if p.startswith(f"{layout.final}/policy/")
+                       and _is_policy_file(p.rpartition("/")[2])]
+            if len(pending) != 1:
+                raise SelcacheError(f"the output set of key {key.hex[:16]} has {len(pending)} "
+                                    f"kernel policy files under /{layout.final}/policy")
+            new_rel = pending[0]
+            installed = _installed_policy(layout, new_rel.rpartition("/")[2])
+    finally:
+        s.close()
+    new = outputs[new_rel]
+    doc: dict[str, Any] = {
+        "version": 1, "root": layout.root, "policy_type": layout.policy_type, "key": key.hex,
+        "mode": "full" if full else "quick",
+        "installed": None,
+        "pending": {"path": new_rel, "sha256": fsutil.sha256_hex(new), "source": source},
+    }
+    if installed is not None:
+        old_rel, old = installed
+        doc["installed"] = {"path": old_rel, "sha256": fsutil.sha256_hex(old)}
+        if old == new:
+            # Nothing to analyse: the same bytes mean the same policy.
+            doc.update(byte_identical=True, identical=True, differences={}, rules={},
+                       rule_changes={}, seconds=round(time.monotonic() - start, 6))
+            return doc
+    cmp = analysis.compare(installed[1] if installed else None, new, full=full,
+                           progress=progress,
+                           labels=(f"/{installed[0]}" if installed else "", f"the pending /{new_rel}"))
+    if doc["installed"] is not None:
+        doc["installed"]["policy"] = cmp["left"]
+    doc["pending"]["policy"] = cmp["right"]
+    doc.update(byte_identical=False, identical=cmp["identical"], differences=cmp["differences"],
+               rules=cmp["rules"], rule_changes=cmp["rule_changes"],
+               seconds=round(time.monotonic() - start, 6))
+    return doc
