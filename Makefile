@@ -4,7 +4,7 @@
 SYSTEM_PYTHON := /usr/bin/python3
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := semodule-utils secilc policycoreutils python3-setools python3-venv \
+APT_PACKAGES := semodule-utils secilc policycoreutils python3-setools python3-semanage python3-venv \
 	python3-pip python3-matplotlib util-linux
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 STAMP := $(VENV)/.selcache-installed
