@@ -18,7 +18,7 @@ from .errors import (
     SelcacheError,
     VerifyMismatch,
 )
-from .pipeline import Result, diff, finalize, gc, stage, status, verify
+from .pipeline import Result, diff, explain, finalize, gc, stage, status, verify
 
 __version__ = "0.1.0"
 
@@ -36,6 +36,7 @@ __all__ = [
     "VerifyMismatch",
     "__version__",
     "diff",
+    "explain",
     "finalize",
     "gc",
     "stage",

@@ -38,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
                            help="compile ahead into the cache; install nothing")
     # The watcher's background compile: not the baseline that changes are reported against.
     stage.add_argument("--precompile", action="store_true", help=argparse.SUPPRESS)
+    sub.add_parser("explain", parents=[common],
+                   help="say which path finalize will take, why, and what changed")
     watch = sub.add_parser("watch", parents=[common],
                            help="follow the root's inputs, keep a journal, precompile changes")
     watch.add_argument("--debounce", type=float, default=3.0, metavar="SECONDS",
@@ -104,6 +106,18 @@ def _human_status(doc: dict[str, Any]) -> str:
         ]
     if doc.get("interrupted_install"):
         lines.append("WARNING: an interrupted install was found; the next finalize repairs it")
+    return "\n".join(lines)
+
+
+def _human_explain(doc: dict[str, Any]) -> str:
+    estimate = doc.get("estimated_seconds")
+    lines = [f"finalize would: {doc['action']}"
+             + (f" (about {estimate:.1f}s, from past compiles)" if estimate is not None else ""),
+             f"because:        {doc['reason']}"]
+    base = doc.get("base")
+    if base is not None and doc["changes"]:
+        lines.append(f"compared with:  the cached {base['compile_path']} entry {base['key'][:16]}")
+        lines += [f"  - {c['detail']}" for c in doc["changes"]]
     return "\n".join(lines)
 
 
@@ -218,6 +232,9 @@ def _run(args: argparse.Namespace) -> int:
         _emit(args, doc, human)
     elif args.command == "watch":
         _watch(args)
+    elif args.command == "explain":
+        doc = pipeline.explain(args.root, args.cache_dir)
+        _emit(args, doc, _human_explain(doc))
     elif args.command == "verify":
         doc = pipeline.verify(args.root, args.cache_dir)
         _emit(args, doc, f"ok: {doc['files']} installed files equal a fresh compile")

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from . import fsutil
 from .errors import CompileError, InputsChanged, SandboxError
-from .inputs import ACCOUNT_DIRS, DIRECTORY, MISSING, Inputs
+from .inputs import ACCOUNT_DIRS, DIRECTORY, MISSING, Inputs, single_file_inputs
 from .layout import CONFIG_REL, SEMANAGE_CONF_REL, Layout
 from .runner import Runner, run
 
@@ -164,6 +164,10 @@ class Sandbox:
         final files under etc/selinux/TYPE. Inputs we placed are not outputs."""
         layout = self.layout
         out: dict[str, tuple[bytes, int]] = {}
+        # libsemanage may (re)write a local customization file it was handed
+        # (the relink's commit writes an empty booleans.local where there was
+        # none): those are the root's inputs, never outputs.
+        fixed = set(single_file_inputs(layout))
         for top in (layout.active, layout.final):
             base = os.path.join(self.path, top)
             if not os.path.isdir(base):
@@ -173,7 +177,7 @@ class Sandbox:
                 for entry in fsutil.walk_files(fd):
                     rel = f"{top}/{entry.rel}"
                     name = rel.rsplit("/", 1)[-1]
-                    if rel in self.placed or name in _NOT_OUTPUTS or rel in out:
+                    if rel in self.placed or rel in fixed or name in _NOT_OUTPUTS or rel in out:
                         continue
                     if rel == f"{layout.active}/commit_num":
                         continue  # a counter, bumped at install, never cached

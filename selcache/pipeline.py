@@ -20,7 +20,9 @@ from typing import Any
 from . import fsutil, journal
 from .compile import LINKED_FILES, Compiled, compile_policy, relink_policy
 from .errors import CompileError, InputsChanged, SelcacheError, VerifyMismatch
+from . import explain as explain_mod
 from .inputs import (
+    MISSING,
     Hasher,
     InputFile,
     Inputs,
@@ -28,6 +30,7 @@ from .inputs import (
     component_digest,
     discover_inputs,
     module_component,
+    single_file_inputs,
 )
 from .install import InstallReport, install_outputs, recover, root_lock, semanage_lock
 from .key import RELINKABLE, Key, compute_key, diff_components, fold, is_link_component, \
@@ -171,8 +174,11 @@ class _Session:
             # installed, the root has them, and its key is this one.
             stored = _post_install_key(inputs, compiled)
             self.cache.put_entry(_manifest(stored, self.layout, compiled, path), blobs)
-        # The linked outputs of this module set, for later relinks.
+        # The linked outputs of this module set, for later relinks, and what
+        # the inputs were, for `explain`.
         self.cache.put_json(f"linked:{module_set_key(stored.components)}", {"key": stored.hex})
+        self.cache.put_json(f"inputs:{key.hex}",
+                            explain_mod.snapshot(inputs, _local_texts(self.layout, inputs)))
         self.timings["store"] = time.monotonic() - t
         return manifest, blobs
 
@@ -218,12 +224,34 @@ class _Session:
         self.timings["compile"] = time.monotonic() - t
         return self._store_compiled(inputs, key, compiled, "relinked")
 
+    def build_and_store(self, inputs: Inputs, key: Key) -> tuple[Manifest, dict[str, bytes], str]:
+        """The cheapest compile that is correct: a relink when a cached compile
+        of the same module set qualifies, else a full rebuild."""
+        relinked = self.relink_and_store(inputs, key)
+        if relinked is not None:
+            return (*relinked, "relinked")
+        return (*self.compile_and_store(inputs, key), "rebuilt")
+
     def record(self, doc: dict[str, Any]) -> None:
         self.cache.put_json(f"last:{self.rid}", doc)
 
 
 class _Moved(Exception):
     """The root's inputs changed while we worked."""
+
+
+def _local_texts(layout: Layout, inputs: Inputs) -> dict[str, bytes]:
+    """The fixed-place files in the store (``*.local``, flags) that exist."""
+    fixed = {rel for rel in single_file_inputs(layout) if rel.startswith(layout.active + "/")}
+    out: dict[str, bytes] = {}
+    with fsutil.opened_root(layout.root) as rfd:
+        for f in inputs.files:
+            if f.rel in fixed and f.digest != MISSING:
+                try:
+                    out[f.rel] = fsutil.read_rel(rfd, f.rel)
+                except (OSError, SelcacheError):
+                    continue  # gone or replaced meanwhile: the snapshot just lacks its text
+    return out
 
 
 def _is_reg(st: os.stat_result) -> bool:
@@ -295,11 +323,7 @@ def _finalize(s: _Session, start: float) -> Result:
             else:
                 s.cache.count("misses")
                 try:
-                    relinked = s.relink_and_store(inputs, key)
-                    if relinked is not None:
-                        (manifest, outputs), action = relinked, "relinked"
-                    else:
-                        (manifest, outputs), action = s.compile_and_store(inputs, key), "rebuilt"
+                    manifest, outputs, action = s.build_and_store(inputs, key)
                 except _Moved:
                     log.warning("inputs of %s changed during the compile (attempt %d)",
                                 layout.root, attempt)
@@ -348,8 +372,7 @@ def _stage(s: _Session, start: float) -> Result:
                 return Result("cached", s.layout.root, s.layout.policy_type, key.hex,
                               time.monotonic() - start, timings=s.timings)
             try:
-                if s.relink_and_store(inputs, key) is None:
-                    s.compile_and_store(inputs, key)
+                s.build_and_store(inputs, key)
             except _Moved:
                 continue
             return Result("compiled", s.layout.root, s.layout.policy_type, key.hex,
@@ -479,7 +502,7 @@ def diff(root: str = "/", cache_dir: str | None = None, *, full: bool = False,
                     if progress is not None:
                         progress("compiling the pending policy", 0, 1)
                     try:
-                        manifest, outputs = s.compile_and_store(inputs, key)
+                        manifest, outputs, _ = s.build_and_store(inputs, key)
                     except _Moved:
                         continue
                     source = "compiled"
@@ -522,3 +545,66 @@ def diff(root: str = "/", cache_dir: str | None = None, *, full: bool = False,
                rules=cmp["rules"], rule_changes=cmp["rule_changes"],
                seconds=round(time.monotonic() - start, 6))
     return doc
+
+
+def explain(root: str = "/", cache_dir: str | None = None) -> dict[str, Any]:
+    """Which path finalize will take and why, naming every component that
+    differs from the closest cached entry. Read-only, and compiles nothing."""
+    s = _Session(root, cache_dir, run, None)
+    try:
+        layout = s.layout
+        inputs, key = s.discover()
+        manifests = [m for m in s.cache.iter_manifests() if m.policy_type == layout.policy_type]
+        manifest = s.lookup(key)
+        source = s.relink_source(key)
+        base: Manifest | None
+        if manifest is not None and s.installed_matches(manifest):
+            action, base = "unchanged", manifest
+            reason = "the installed files are the cached output set of these inputs"
+        elif manifest is not None and all(s.cache.has_blob(f.sha256) for f in manifest.files):
+            action, base = "reused", manifest
+            reason = (f"these inputs were compiled before ({manifest.compile_path}); "
+                      "their output set is cached and will be installed")
+        elif source is not None:
+            action, base = "relinked", source
+            reason = ("the same module set was compiled before; only local customizations "
+                      "differ, which libsemanage merges onto its linked policy without a CIL "
+                      "compile")
+        else:
+            action = "rebuilt"
+            base = explain_mod.closest(manifests, key.components)
+            if base is None:
+                reason = "nothing for this root's policy type is cached yet"
+            else:
+                differ = diff_components(base.components, key.components)
+                compile_side = [n for n in differ if is_link_component(n)]
+                other = [n for n in differ if not is_link_component(n) and n not in RELINKABLE]
+                if compile_side:
+                    reason = ("the module set or the compile's settings changed ("
+                              + ", ".join(compile_side[:5])
+                              + (", ..." if len(compile_side) > 5 else "")
+                              + "): a full compile")
+                else:
+                    reason = (f"{', '.join(other)} changed, which only a full compile applies "
+                              "exactly")
+        old = s.cache.get_json(f"inputs:{base.key}") if base is not None else None
+        texts = {rel: data.decode(errors="replace")
+                 for rel, data in _local_texts(layout, inputs).items()}
+        changes = explain_mod.changes(base, old if isinstance(old, dict) else None, inputs,
+                                      key.components, texts)
+        estimate = explain_mod.estimate(manifests, action) if action in ("relinked", "rebuilt") \
+            else None
+        return {
+            "version": 1,
+            "root": layout.root,
+            "policy_type": layout.policy_type,
+            "key": key.hex,
+            "action": action,
+            "reason": reason,
+            "base": None if base is None else {
+                "key": base.key, "compile_path": base.compile_path, "created": base.created},
+            "changes": changes,
+            "estimated_seconds": estimate,
+        }
+    finally:
+        s.close()
