@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import fsutil
+from . import remote as fleet
 from .compile import Compiled, compile_policy
 from .errors import InputsChanged, SelcacheError, VerifyMismatch
 from .inputs import (
@@ -32,6 +33,7 @@ from .inputs import (
 from .install import InstallReport, install_outputs, recover, root_lock, semanage_lock
 from .key import Key, compute_key, fold
 from .layout import Layout, read_layout
+from .remote import RemoteConfig, load_config
 from .runner import Runner, run
 from .store import DEFAULT_CACHE_DIR, Cache, Manifest, OutputFile, root_id
 
@@ -57,6 +59,7 @@ class Result:
     compile_seconds: float | None = None
     recovered: tuple[str, ...] = ()
     timings: Mapping[str, float] = field(default_factory=dict)
+    source: str | None = None  # where a reused output set came from: "local" | "remote"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -70,6 +73,7 @@ class Result:
             "compile_seconds": self.compile_seconds,
             "recovered": list(self.recovered),
             "timings": {k: round(v, 6) for k, v in self.timings.items()},
+            "source": self.source,
         }
 
 
@@ -77,11 +81,16 @@ class _Session:
     """One root and one cache, for the length of one command."""
 
     def __init__(self, root: str, cache_dir: str | None, runner: Runner,
-                 workdir: str | None) -> None:
+                 workdir: str | None, remote_config: RemoteConfig | None = None) -> None:
         self.timings: dict[str, float] = {}
         t = time.monotonic()
         self.layout: Layout = read_layout(root)
         self.cache = Cache(cache_dir or default_cache_dir())
+        try:
+            self.remote = fleet.open_tier(remote_config) if remote_config else None
+        except BaseException:
+            self.cache.close()
+            raise
         self.runner = runner
         self.workdir = workdir
         self.rid = root_id(root)
@@ -89,6 +98,8 @@ class _Session:
         self.timings["open"] = time.monotonic() - t
 
     def close(self) -> None:
+        if self.remote is not None:
+            self.remote.close()
         self.cache.close()
 
     def discover(self) -> tuple[Inputs, Key]:
@@ -160,9 +171,17 @@ class _Session:
             # The compile created inputs (CIL converted from HLL). Once
             # installed, the root has them, and its key is this one.
             post = _post_install_key(inputs, compiled)
-            self.cache.put_entry(_manifest(post, self.layout, compiled, "rebuilt"), blobs)
+            post_manifest = _manifest(post, self.layout, compiled, "rebuilt")
+            self.cache.put_entry(post_manifest, blobs)
+            fleet.publish(self.remote, self.cache, post_manifest, blobs, self.timings)
         self.timings["store"] = time.monotonic() - t
+        fleet.publish(self.remote, self.cache, manifest, blobs, self.timings)
         return manifest, blobs
+
+    def fetch_remote(self, key: Key) -> tuple[Manifest, dict[str, bytes]] | None:
+        """The fleet tier's entry, verified, and now in the local tier too."""
+        return fleet.fetch_into(self.remote, self.cache, key.hex, self.layout.policy_type,
+                                 self.timings)
 
     def record(self, doc: dict[str, Any]) -> None:
         self.cache.put_json(f"last:{self.rid}", doc)
@@ -203,11 +222,12 @@ def _modes(manifest: Manifest, blobs: Mapping[str, bytes]) -> dict[str, tuple[by
 
 
 def finalize(root: str = "/", cache_dir: str | None = None, *, runner: Runner = run,
-             workdir: str | None = None) -> Result:
+             workdir: str | None = None, remote: RemoteConfig | None = None) -> Result:
     """Make ``root``'s installed policy match its inputs, from the cache when
-    possible. Raises a SelcacheError, leaving the root as it was, on failure."""
+    possible. Raises a SelcacheError, leaving the root as it was, on failure.
+    ``remote``: the fleet tier (default: from the environment and config file)."""
     start = time.monotonic()
-    s = _Session(root, cache_dir, runner, workdir)
+    s = _Session(root, cache_dir, runner, workdir, remote or load_config())
     try:
         try:
             result = _finalize(s, start)
@@ -234,9 +254,13 @@ def _finalize(s: _Session, start: float) -> Result:
                               time.monotonic() - start, recovered=recovered, timings=s.timings)
             outputs = s.load(manifest) if manifest is not None else None
             compile_seconds = None
+            source: str | None = None
             if manifest is not None and outputs is not None:
                 s.cache.count("hits")
-                action = "reused"
+                action, source = "reused", "local"
+            elif (fetched := s.fetch_remote(key)) is not None:
+                manifest, outputs = fetched
+                action, source = "reused", "remote"
             else:
                 s.cache.count("misses")
                 try:
@@ -259,25 +283,31 @@ def _finalize(s: _Session, start: float) -> Result:
             return Result(action, layout.root, layout.policy_type, key.hex,
                           time.monotonic() - start, written=report.written,
                           compile_seconds=compile_seconds, recovered=recovered + report.recovered,
-                          timings=s.timings)
+                          timings=s.timings, source=source)
     raise InputsChanged(f"the SELinux inputs of {layout.root} kept changing while selcache "
                         "worked (twice); nothing was installed. Retry when the root is quiet.")
 
 
 def stage(root: str = "/", cache_dir: str | None = None, *, runner: Runner = run,
-          workdir: str | None = None) -> Result:
+          workdir: str | None = None, remote: RemoteConfig | None = None) -> Result:
     """Compile ahead and fill the cache; install nothing. Action is ``cached``
-    (already there) or ``compiled``."""
+    (already in the local cache; uploaded to the fleet tier if this machine
+    signs), ``fetched`` (from the fleet tier) or ``compiled``."""
     start = time.monotonic()
-    s = _Session(root, cache_dir, runner, workdir)
+    s = _Session(root, cache_dir, runner, workdir, remote or load_config())
     try:
         with root_lock(s.layout):
             for _attempt in (1, 2):
                 inputs, key = s.discover()
                 manifest = s.lookup(key)
-                if manifest is not None and s.load(manifest) is not None:
+                outputs = s.load(manifest) if manifest is not None else None
+                if manifest is not None and outputs is not None:
+                    fleet.publish(s.remote, s.cache, manifest, outputs, s.timings)
                     return Result("cached", s.layout.root, s.layout.policy_type, key.hex,
-                                  time.monotonic() - start, timings=s.timings)
+                                  time.monotonic() - start, timings=s.timings, source="local")
+                if s.fetch_remote(key) is not None:
+                    return Result("fetched", s.layout.root, s.layout.policy_type, key.hex,
+                                  time.monotonic() - start, timings=s.timings, source="remote")
                 try:
                     s.compile_and_store(inputs, key)
                 except _Moved:
@@ -291,10 +321,11 @@ def stage(root: str = "/", cache_dir: str | None = None, *, runner: Runner = run
         s.close()
 
 
-def status(root: str = "/", cache_dir: str | None = None) -> dict[str, Any]:
+def status(root: str = "/", cache_dir: str | None = None, *,
+           remote: RemoteConfig | None = None) -> dict[str, Any]:
     """A read-only report on ``root``: its key, whether the installed files match,
     what finalize would do, the cache's counters and the last finalize."""
-    s = _Session(root, cache_dir, run, None)
+    s = _Session(root, cache_dir, run, None, remote or load_config())
     try:
         inputs, key = s.discover()
         manifest = s.lookup(key)
@@ -305,6 +336,9 @@ def status(root: str = "/", cache_dir: str | None = None) -> dict[str, Any]:
             predicted = "reused"
         else:
             predicted = "rebuilt"
+        remote_doc = fleet.status_doc(s.remote, s.cache, key.hex, s.layout.policy_type)
+        if predicted == "rebuilt" and remote_doc["entry"] == "verified":
+            predicted = "reused"
         return {
             "version": 1,
             "root": s.layout.root,
@@ -318,6 +352,7 @@ def status(root: str = "/", cache_dir: str | None = None) -> dict[str, Any]:
             "interrupted_install": _interrupted(s.layout),
             "cache": {"dir": s.cache.directory, **s.cache.stats()},
             "last_finalize": s.cache.get_json(f"last:{s.rid}"),
+            "remote": remote_doc,
         }
     finally:
         s.close()
