@@ -13,7 +13,7 @@ import pytest
 from selcache import sample
 from selcache.layout import read_layout
 
-from .redisserver import redis_server, redis_server_session  # noqa: F401 - fixtures
+from .fleet import keys, redis_server, redis_server_session  # noqa: F401 - fixtures
 
 REPO = Path(__file__).resolve().parent.parent
 POLICIES = REPO / "policies"

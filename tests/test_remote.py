@@ -10,8 +10,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -22,44 +22,11 @@ from selcache.cli import main
 from selcache.errors import ConfigError
 from selcache.layout import read_layout
 from selcache.remote import SIGNING_CONTEXT, RemoteConfig, RemoteTier, load_config
-from selcache.runner import Completed
 from selcache.store import Cache, Manifest
 
 from .conftest import REPO, assert_matches_reference, output_files, tree_digest
-from .redisserver import RedisServer
+from .fleet import TIMEOUT, Keys, RedisServer, builder, client, counters, no_compile
 from .scenarios import booleans_local, module_added
-
-TIMEOUT = 0.5
-
-
-@dataclass(frozen=True)
-class Keys:
-    builder_key: str
-    builder_pub: str
-    other_key: str
-    other_pub: str
-
-
-@pytest.fixture(scope="session")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
-    d = tmp_path_factory.mktemp("keys")
-    b = remote.generate_keypair(str(d / "builder"))
-    o = remote.generate_keypair(str(d / "other"))
-    return Keys(b[0], b[1], o[0], o[1])
-
-
-def builder(server: RedisServer, keys: Keys, **kw: object) -> RemoteConfig:
-    return replace(RemoteConfig(url=server.url, signing_key=keys.builder_key,
-                                trusted_keys=(keys.builder_pub,), timeout=TIMEOUT), **kw)
-
-
-def client(server: RedisServer, keys: Keys, **kw: object) -> RemoteConfig:
-    return replace(RemoteConfig(url=server.url, readonly=True, trusted_keys=(keys.builder_pub,),
-                                timeout=TIMEOUT), **kw)
-
-
-def no_compile(argv: Sequence[str]) -> Completed:
-    raise AssertionError(f"a compile ran: {' '.join(argv)}")
 
 
 def entry_key(key: str) -> str:
@@ -68,12 +35,6 @@ def entry_key(key: str) -> str:
 
 def blob_key(sha256: str) -> str:
     return f"selcache:v1:blob:{sha256}"
-
-
-def counters(cache_dir: str) -> dict[str, int]:
-    with Cache(cache_dir) as cache:
-        names = ["hits", "misses"] + [f"remote_{n}" for n in remote.COUNTERS]
-        return {n: cache.counter(n) for n in names}
 
 
 def remote_manifest(server: RedisServer, key: str) -> Manifest:

@@ -1,5 +1,6 @@
-"""A real redis-server on loopback for the fleet-tier tests: a random free
-port, no persistence, its own directory; stopped at the end of the session."""
+"""For the fleet-tier tests: a real redis-server on loopback (a random free
+port, no persistence, its own directory; stopped at the end of the session),
+key pairs, and remote configurations for a builder and for fleet machines."""
 
 from __future__ import annotations
 
@@ -9,11 +10,18 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from selcache import remote
+from selcache.remote import RemoteConfig
+from selcache.runner import Completed
+
+TIMEOUT = 0.5
 
 
 def _free_port() -> int:
@@ -121,3 +129,45 @@ def redis_server(redis_server_session: RedisServer) -> Iterator[RedisServer]:
         c.flushall()
     yield server
     server.thaw()
+
+
+@dataclass(frozen=True)
+class Keys:
+    builder_key: str
+    builder_pub: str
+    other_key: str
+    other_pub: str
+
+
+@pytest.fixture(scope="session")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
+    """The builders' key pair, and another one nobody trusts."""
+    d = tmp_path_factory.mktemp("keys")
+    b = remote.generate_keypair(str(d / "builder"))
+    o = remote.generate_keypair(str(d / "other"))
+    return Keys(b[0], b[1], o[0], o[1])
+
+
+def builder(server: RedisServer, keys: Keys, **kw: Any) -> RemoteConfig:
+    return replace(RemoteConfig(url=server.url, signing_key=keys.builder_key,
+                                trusted_keys=(keys.builder_pub,), timeout=TIMEOUT), **kw)
+
+
+def client(server: RedisServer, keys: Keys, **kw: Any) -> RemoteConfig:
+    """An ordinary fleet machine: read-only, trusts the builders' public key."""
+    return replace(RemoteConfig(url=server.url, readonly=True, trusted_keys=(keys.builder_pub,),
+                                timeout=TIMEOUT), **kw)
+
+
+def no_compile(argv: Sequence[str]) -> Completed:
+    """A runner for runs that must not compile: any subprocess is a failure."""
+    raise AssertionError(f"a compile ran: {' '.join(argv)}")
+
+
+def counters(cache_dir: str) -> dict[str, int]:
+    """A machine's cache counters: local hits and misses, and the remote's."""
+    from selcache.store import Cache
+
+    with Cache(cache_dir) as cache:
+        names = ["hits", "misses"] + [f"remote_{n}" for n in remote.COUNTERS]
+        return {n: cache.counter(n) for n in names}
