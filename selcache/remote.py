@@ -25,6 +25,7 @@ another file).
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
 import os
 import stat
@@ -243,41 +244,43 @@ def key_id(public: Ed25519PublicKey) -> str:
     return hashlib.sha256(raw).hexdigest()[:16]
 
 
-def load_public_keys(path: str) -> list[Ed25519PublicKey]:
-    """Every ed25519 public key in a PEM file (one or more PUBLIC KEY blocks)."""
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+_PUBLIC_PEM = b"-----BEGIN PUBLIC KEY-----"
+_PRIVATE_PEM = b"-----BEGIN PRIVATE KEY-----"
 
+
+def read_public_pem(path: str) -> list[bytes]:
+    """The PEM PUBLIC KEY blocks of a trusted-key file (one or more): read and
+    checked for shape only, without loading cryptography."""
     try:
         with open(path, "rb") as fh:
             text = fh.read()
     except OSError as exc:
         raise ConfigError(f"cannot read trusted key {path}: {exc}") from exc
-    marker = b"-----BEGIN PUBLIC KEY-----"
-    blocks = [marker + b for b in text.split(marker)[1:]]
+    blocks = [_PUBLIC_PEM + b for b in text.split(_PUBLIC_PEM)[1:]]
     if not blocks:
         raise ConfigError(f"trusted key {path} has no PEM public key "
-                          "(-----BEGIN PUBLIC KEY-----); is it a private key?")
-    keys: list[Ed25519PublicKey] = []
-    for block in blocks:
-        try:
-            key = load_pem_public_key(block)
-        except ValueError as exc:
-            raise ConfigError(f"trusted key {path} is not a valid PEM public key: {exc}") from exc
-        if not isinstance(key, Ed25519PublicKey):
-            raise ConfigError(f"trusted key {path} is a {type(key).__name__}, not ed25519")
-        keys.append(key)
-    return keys
+                          f"({_PUBLIC_PEM.decode()}); is it a private key?")
+    return blocks
 
 
-def load_private_key(path: str) -> Ed25519PrivateKey:
-    """A builder's ed25519 private key (PKCS#8 PEM, unencrypted, not readable
-    by group or others: like ssh, refuse a key others could have copied)."""
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+def parse_public_pem(block: bytes, path: str) -> Ed25519PublicKey:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        key = load_pem_public_key(block)
+    except ValueError as exc:
+        raise ConfigError(f"trusted key {path} is not a valid PEM public key: {exc}") from exc
+    if not isinstance(key, Ed25519PublicKey):
+        raise ConfigError(f"trusted key {path} is a {type(key).__name__}, not ed25519")
+    return key
+
+
+def read_private_pem(path: str) -> bytes:
+    """A builder's private key file: a regular file, unencrypted PKCS#8 PEM, and
+    not readable by group or others (like ssh, refuse a key others could copy)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except OSError as exc:
         raise ConfigError(f"cannot read signing key {path}: {exc}") from exc
     try:
@@ -291,6 +294,16 @@ def load_private_key(path: str) -> Ed25519PrivateKey:
             data = fh.read()
     finally:
         os.close(fd)
+    if _PRIVATE_PEM not in data:
+        raise ConfigError(f"signing key {path} is not an unencrypted PKCS#8 PEM private key "
+                          f"({_PRIVATE_PEM.decode()})")
+    return data
+
+
+def parse_private_pem(data: bytes, path: str) -> Ed25519PrivateKey:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
     try:
         key = load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as exc:
@@ -299,6 +312,15 @@ def load_private_key(path: str) -> Ed25519PrivateKey:
     if not isinstance(key, Ed25519PrivateKey):
         raise ConfigError(f"signing key {path} is a {type(key).__name__}, not ed25519")
     return key
+
+
+def load_public_keys(path: str) -> list[Ed25519PublicKey]:
+    """Every ed25519 public key in a PEM file."""
+    return [parse_public_pem(b, path) for b in read_public_pem(path)]
+
+
+def load_private_key(path: str) -> Ed25519PrivateKey:
+    return parse_private_pem(read_private_pem(path), path)
 
 
 def generate_keypair(prefix: str) -> tuple[str, str, str]:
@@ -358,34 +380,51 @@ class _Missing(Exception):
 
 
 class RemoteTier:
-    """One run's connection to the shared cache. Keys are loaded when it is
-    created (a bad key is a ConfigError before anything happens); Redis is
-    contacted on first use only."""
+    """One run's connection to the shared cache. Key files are read and checked
+    when it is created (a missing or malformed one is a ConfigError before
+    anything happens); parsing them (loading cryptography costs ~0.1 s) and
+    contacting Redis wait until a lookup or an upload needs them, so a local
+    hit pays for neither."""
 
     def __init__(self, config: RemoteConfig) -> None:
         if not config.url:
             raise ValueError("RemoteTier needs a configured remote URL")
+        for module in ("redis", "cryptography"):
+            if importlib.util.find_spec(module) is None:
+                raise ConfigError(f"a remote is configured ({config.source}) but the Python "
+                                  f"package {module!r} is missing: install selcache[remote]")
         self.config = config
         self.seconds = 0.0
         self._client: Any = None
         self._down: str | None = None
-        self._signer: Ed25519PrivateKey | None = None
-        self._signer_id: str | None = None
-        self._trusted: dict[str, Ed25519PublicKey] = {}
-        for path in config.trusted_keys:
-            for key in load_public_keys(path):
-                self._trusted[key_id(key)] = key
-        if config.signing_key and not config.readonly:
-            self._signer = load_private_key(config.signing_key)
-            public = self._signer.public_key()
-            self._signer_id = key_id(public)
-            # A builder trusts what it signs itself.
-            self._trusted.setdefault(self._signer_id, public)
-        if not self._trusted:
+        self._trusted_pem = [(path, block) for path in config.trusted_keys
+                             for block in read_public_pem(path)]
+        self._signer_pem = (read_private_pem(config.signing_key)
+                            if config.signing_key and not config.readonly else None)
+        if not self._trusted_pem and self._signer_pem is None:
             raise ConfigError(f"remote {redact(config.url)} is configured ({config.source}) "
                               "but no trusted public key is: nothing it serves could be "
                               "verified (set trusted_keys, --trusted-key or "
                               "SELCACHE_TRUSTED_KEYS)")
+        self._loaded = False
+        self._signer: Ed25519PrivateKey | None = None
+        self._signer_id: str | None = None
+        self._trusted: dict[str, Ed25519PublicKey] = {}
+
+    def _keys(self) -> None:
+        """Parse the key files (once). Raises ConfigError."""
+        if self._loaded:
+            return
+        for path, block in self._trusted_pem:
+            key = parse_public_pem(block, path)
+            self._trusted[key_id(key)] = key
+        if self._signer_pem is not None:
+            self._signer = parse_private_pem(self._signer_pem, self.config.signing_key or "")
+            public = self._signer.public_key()
+            self._signer_id = key_id(public)
+            # A builder trusts what it signs itself.
+            self._trusted.setdefault(self._signer_id, public)
+        self._loaded = True
 
     def close(self) -> None:
         if self._client is not None:
@@ -396,6 +435,7 @@ class RemoteTier:
             self._client = None
 
     def describe(self) -> dict[str, Any]:
+        self._keys()
         c = self.config
         return {"url": redact(c.url or ""), "readonly": c.readonly, "timeout": c.timeout,
                 "namespace": c.namespace, "signing_key": self._signer_id,
@@ -457,6 +497,7 @@ class RemoteTier:
     def _verify(self, data: bytes, signature: bytes) -> str | None:
         from cryptography.exceptions import InvalidSignature
 
+        self._keys()
         for kid, public in self._trusted.items():
             try:
                 public.verify(signature, SIGNING_CONTEXT + data)
@@ -504,6 +545,9 @@ class RemoteTier:
         except _Refused as exc:
             log.warning("remote entry %s refused: %s; compiling locally", key[:12], exc)
             return Fetched("refused", reason=str(exc))
+        except ConfigError as exc:
+            self._fail("lookup", exc)
+            return Fetched("error", reason=self._down or "")
         except redis.ResponseError as exc:
             # The server answered, but not for these types (WRONGTYPE): a key
             # overwritten with something else. Not a dead server.
@@ -541,16 +585,20 @@ class RemoteTier:
     # -- uploads -----------------------------------------------------------------
     @property
     def can_publish(self) -> bool:
-        return self._signer is not None and not self.config.readonly
+        return self._signer_pem is not None and not self.config.readonly
 
     def publish(self, manifest: Manifest, blobs: Mapping[str, bytes]) -> bool:
         """Sign and upload one entry: blobs first, the entry last, so a reader
         never sees an entry whose blobs were not written. Blobs are written
         even if present: a tampered blob under its digest gets repaired."""
-        if self._signer is None or self.config.readonly:
+        if not self.can_publish or self._down is not None:
             return False
-        if self._down is not None:
+        try:
+            self._keys()
+        except ConfigError as exc:
+            self._fail("upload", exc)
             return False
+        assert self._signer is not None
         import redis
 
         data = manifest.to_bytes()

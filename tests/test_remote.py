@@ -421,27 +421,48 @@ def test_bad_config_is_a_clear_usage_error(text: str, message: str, small_root: 
     assert tree_digest(small_root) == before
 
 
-def test_bad_keys_are_usage_errors(tmp_path: Path, keys: Keys, redis_server: RedisServer,
-                                   small_root: Path, cache_dir: str,
-                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_key_files_are_usage_errors(tmp_path: Path, keys: Keys, redis_server: RedisServer,
+                                        small_root: Path, cache_dir: str,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(ConfigError, match="no trusted public key"):
         RemoteTier(RemoteConfig(url=redis_server.url))
     with pytest.raises(ConfigError, match="no PEM public key.*private key"):
         RemoteTier(client(redis_server, keys, trusted_keys=(keys.builder_key,)))
+    public_as_private = tmp_path / "public.key"
+    public_as_private.write_bytes(Path(keys.builder_pub).read_bytes())
+    public_as_private.chmod(0o600)
+    with pytest.raises(ConfigError, match="not an unencrypted PKCS#8 PEM private key"):
+        RemoteTier(builder(redis_server, keys, signing_key=str(public_as_private)))
     loose = tmp_path / "loose.key"
     loose.write_bytes(Path(keys.builder_key).read_bytes())
     loose.chmod(0o644)
     with pytest.raises(ConfigError, match="readable by others"):
         RemoteTier(builder(redis_server, keys, signing_key=str(loose)))
-    rsa = tmp_path / "rsa.pub"
-    subprocess.run(f"openssl genpkey -algorithm rsa -pkeyopt rsa_keygen_bits:1024 2>/dev/null"
-                   f" | openssl pkey -pubout -out {rsa}", shell=True, check=True)
-    with pytest.raises(ConfigError, match="not ed25519"):
-        RemoteTier(client(redis_server, keys, trusted_keys=(str(rsa),)))
+    before = tree_digest(small_root)
     code, _, _, err = run_cli(capsys, "finalize", "--root", str(small_root), "--cache-dir",
                               cache_dir, "--remote", redis_server.url, "--trusted-key",
                               str(tmp_path / "missing.pub"))
     assert code == 2 and "missing.pub" in err
+    assert tree_digest(small_root) == before
+
+
+def test_key_of_the_wrong_type(staged: str, tmp_path: Path, small_root: Path, cache_dir: str,
+                               redis_server: RedisServer, capsys: pytest.CaptureFixture[str],
+                               caplog: pytest.LogCaptureFixture) -> None:
+    """Parsed only when first needed (loading cryptography costs ~0.1 s, too much
+    for a local hit): status reports it as a usage error; finalize warns and
+    compiles, because the remote is never the reason a finalize fails."""
+    rsa = tmp_path / "rsa.pub"
+    subprocess.run(f"openssl genpkey -algorithm rsa -pkeyopt rsa_keygen_bits:1024 2>/dev/null"
+                   f" | openssl pkey -pubout -out {rsa}", shell=True, check=True)
+    fleet = ("--root", str(small_root), "--cache-dir", cache_dir, "--remote", redis_server.url,
+             "--remote-readonly", "--trusted-key", str(rsa))
+    code, _, _, err = run_cli(capsys, "status", *fleet)
+    assert code == 2 and "not ed25519" in err
+    code, doc, _, _ = run_cli(capsys, "finalize", "--json", *fleet)
+    assert code == 0 and doc["action"] == "rebuilt"
+    assert "not ed25519); continuing without it" in caplog.text
+    assert counters(cache_dir)["remote_errors"] == 1
 
 
 def test_keygen_cli_and_openssl_keys_both_work(tmp_path: Path, small_root: Path,
@@ -487,12 +508,20 @@ class RemoteTierContext:
         self.tier.close()
 
 
-def test_no_remote_never_imports_redis_or_cryptography(small_root: Path, cache_dir: str) -> None:
+@pytest.mark.parametrize("configured", [pytest.param(False, id="no-remote"),
+                                        pytest.param(True, id="remote-configured")])
+def test_local_hit_imports_neither_redis_nor_cryptography(
+        configured: bool, small_root: Path, cache_dir: str, redis_server: RedisServer,
+        keys: Keys) -> None:
     selcache.finalize(str(small_root), cache_dir)
+    env = {**os.environ, "SELCACHE_CONFIG": os.devnull}
+    if configured:
+        env.update(SELCACHE_REMOTE=redis_server.url, SELCACHE_TRUSTED_KEYS=keys.builder_pub,
+                   SELCACHE_REMOTE_READONLY="1")
     code = ("import sys, selcache\n"
             f"r = selcache.finalize({str(small_root)!r}, {cache_dir!r})\n"
             "assert r.action == 'unchanged', r.action\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('redis', 'cryptography')))\n")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
-                         text=True, cwd=REPO, env={**os.environ, "SELCACHE_CONFIG": os.devnull})
+                         text=True, cwd=REPO, env=env)
     assert out.stdout.strip() == "[]"
