@@ -402,8 +402,8 @@ class RemoteTier:
         self._signer_pem = (read_private_pem(config.signing_key)
                             if config.signing_key and not config.readonly else None)
         if not self._trusted_pem and self._signer_pem is None:
-            raise ConfigError(f"remote {redact(config.url)} is configured ({config.source}) "
-                              "but no trusted public key is: nothing it serves could be "
+            raise ConfigError(f"remote {redact(config.url)} is set ({config.source}) but "
+                              "no trusted public key is given: nothing it serves could be "
                               "verified (set trusted_keys, --trusted-key or "
                               "SELCACHE_TRUSTED_KEYS)")
         self._loaded = False
