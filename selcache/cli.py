@@ -12,18 +12,34 @@ from typing import Any
 
 from . import __version__, pipeline
 from .errors import EXIT_CODES, SelcacheError
+from .remote import RemoteConfig, generate_keypair, load_config
 
 log = logging.getLogger("selcache")
 
 
 def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    output = argparse.ArgumentParser(add_help=False)
+    output.add_argument("--json", action="store_true", help="print JSON (the stable interface)")
+    output.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv: debug)")
+    output.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    common = argparse.ArgumentParser(add_help=False, parents=[output])
     common.add_argument("--root", default="/", help="the root to work on (default: /)")
     common.add_argument("--cache-dir", default=None,
                         help="cache directory (default: $SELCACHE_CACHE_DIR or /var/cache/selcache)")
-    common.add_argument("--json", action="store_true", help="print JSON (the stable interface)")
-    common.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv: debug)")
-    common.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    fleet = argparse.ArgumentParser(add_help=False)
+    group = fleet.add_argument_group(
+        "fleet tier", "a shared Redis cache with signed entries (defaults: $SELCACHE_REMOTE... "
+        "and the [remote] table of $SELCACHE_CONFIG or /etc/selcache/selcache.conf)")
+    group.add_argument("--remote", metavar="URL", help="redis://HOST:PORT/DB")
+    group.add_argument("--no-remote", action="store_true", help="ignore any configured remote")
+    group.add_argument("--remote-readonly", action="store_true", default=None,
+                       help="read from the remote, never write to it")
+    group.add_argument("--remote-timeout", type=float, metavar="SECONDS",
+                       help="connect and per-operation timeout (default: 0.5)")
+    group.add_argument("--signing-key", metavar="PEM", help="ed25519 private key: upload signed "
+                       "entries (builders only)")
+    group.add_argument("--trusted-key", action="append", metavar="PEM",
+                       help="ed25519 public key(s) whose entries are installed (repeatable)")
 
     epilog = "exit codes:\n" + "\n".join(f"  {code:>3}  {text}" for code, text in EXIT_CODES.items())
     parser = argparse.ArgumentParser(
@@ -31,11 +47,12 @@ def _parser() -> argparse.ArgumentParser:
         epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"selcache {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser("status", parents=[common], help="show the root's key, cache state and last finalize")
-    sub.add_parser("finalize", parents=[common],
+    sub.add_parser("status", parents=[common, fleet],
+                   help="show the root's key, cache state and last finalize")
+    sub.add_parser("finalize", parents=[common, fleet],
                    help="make the installed policy match the inputs (cache, else compile)")
-    stage = sub.add_parser("stage", parents=[common],
-                           help="compile ahead into the cache; install nothing")
+    stage = sub.add_parser("stage", parents=[common, fleet],
+                           help="compile ahead into the cache (or fetch it); install nothing")
     # The watcher's background compile: not the baseline that changes are reported against.
     stage.add_argument("--precompile", action="store_true", help=argparse.SUPPRESS)
     sub.add_parser("explain", parents=[common],
@@ -60,6 +77,10 @@ def _parser() -> argparse.ArgumentParser:
     gc = sub.add_parser("gc", parents=[common], help="drop unreferenced blobs and cull the cache")
     gc.add_argument("--max-age", type=float, default=None, metavar="SECONDS",
                     help="also drop entries created more than SECONDS ago")
+    keygen = sub.add_parser("keygen", parents=[output],
+                            help="write an ed25519 key pair for signing fleet-tier entries")
+    keygen.add_argument("--out", required=True, metavar="PREFIX",
+                        help="writes PREFIX.key (private, mode 600) and PREFIX.pub")
     return parser
 
 
@@ -86,7 +107,8 @@ def _human_status(doc: dict[str, Any]) -> str:
         f"installed matches:  {'yes' if doc['installed_matches'] else 'no'}",
         f"finalize would:     {doc['predicted_action']}",
         f"cache:              {cache['entries']} entries, {cache['bytes'] / 1048576:.1f} MiB, "
-        f"{cache['hits']} hits, {cache['misses']} misses ({cache['dir']})",
+        f"{cache['hits']} local hits, {cache['misses']} misses ({cache['dir']})",
+        _human_remote(doc["remote"]),
         f"last finalize:      {last_line}",
     ]
     watcher = doc.get("watcher")
@@ -216,15 +238,34 @@ def _progress() -> Callable[[str, int, int], None] | None:
     return show
 
 
+def _human_remote(remote: dict[str, Any]) -> str:
+    counts = (f"{remote['hits']} remote hits, {remote['misses']} misses, {remote['refused']} "
+              f"refused, {remote['errors']} errors, {remote['uploads']} uploads")
+    if remote["url"] is None:
+        return f"remote:             none configured ({counts})"
+    mode = "read-only" if remote["readonly"] else \
+        ("signs uploads" if remote["signing_key"] else "no signing key")
+    return (f"remote:             {remote['url']} ({mode}), entry {remote['entry']}; {counts}")
+
+
+def _remote_config(args: argparse.Namespace) -> RemoteConfig:
+    if args.no_remote:
+        return RemoteConfig(source="--no-remote")
+    return load_config(url=args.remote, readonly=args.remote_readonly,
+                       timeout=args.remote_timeout, signing_key=args.signing_key,
+                       trusted_keys=args.trusted_key)
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.command == "status":
-        doc = pipeline.status(args.root, args.cache_dir)
+        doc = pipeline.status(args.root, args.cache_dir, remote=_remote_config(args))
         _emit(args, doc, _human_status(doc))
     elif args.command in ("finalize", "stage"):
         if args.command == "finalize":
-            result = pipeline.finalize(args.root, args.cache_dir)
+            result = pipeline.finalize(args.root, args.cache_dir, remote=_remote_config(args))
         else:
-            result = pipeline.stage(args.root, args.cache_dir, precompile=args.precompile)
+            result = pipeline.stage(args.root, args.cache_dir, precompile=args.precompile,
+                                    remote=_remote_config(args))
         doc = result.to_json()
         human = f"{result.action}: {result.policy_type} policy of {result.root} in {result.seconds:.3f}s"
         if result.written:
@@ -250,6 +291,11 @@ def _run(args: argparse.Namespace) -> int:
         doc = {"version": 1, **pipeline.gc(args.cache_dir, max_age=args.max_age)}
         _emit(args, doc, ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in doc.items()
                                    if k != "version"))
+    elif args.command == "keygen":
+        private, public, kid = generate_keypair(args.out)
+        doc = {"version": 1, "private_key": private, "public_key": public, "key_id": kid}
+        _emit(args, doc, f"wrote {private} (keep it on builders only) and {public} "
+                         f"(key id {kid}; install it on every machine)")
     return 0
 
 

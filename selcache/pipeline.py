@@ -17,10 +17,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import explain as explain_mod
 from . import fsutil, journal
+from . import remote as fleet
 from .compile import LINKED_FILES, Compiled, compile_policy, relink_policy
 from .errors import CompileError, InputsChanged, SelcacheError, VerifyMismatch
-from . import explain as explain_mod
 from .inputs import (
     MISSING,
     Hasher,
@@ -36,6 +37,7 @@ from .install import InstallReport, install_outputs, recover, root_lock, semanag
 from .key import RELINKABLE, Key, compute_key, diff_components, fold, is_link_component, \
     module_set_key
 from .layout import Layout, read_layout
+from .remote import RemoteConfig, load_config
 from .runner import Runner, run
 from .store import DEFAULT_CACHE_DIR, Cache, Manifest, OutputFile, root_id
 
@@ -62,6 +64,7 @@ class Result:
     recovered: tuple[str, ...] = ()
     timings: Mapping[str, float] = field(default_factory=dict)
     hashed: int = 0  # input files read and hashed (the rest the stat cache vouched for)
+    source: str | None = None  # where a reused output set came from: "local" | "remote"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -76,6 +79,7 @@ class Result:
             "recovered": list(self.recovered),
             "timings": {k: round(v, 6) for k, v in self.timings.items()},
             "hashed": self.hashed,
+            "source": self.source,
         }
 
 
@@ -83,11 +87,16 @@ class _Session:
     """One root and one cache, for the length of one command."""
 
     def __init__(self, root: str, cache_dir: str | None, runner: Runner,
-                 workdir: str | None) -> None:
+                 workdir: str | None, remote_config: RemoteConfig | None = None) -> None:
         self.timings: dict[str, float] = {}
         t = time.monotonic()
         self.layout: Layout = read_layout(root)
         self.cache = Cache(cache_dir or default_cache_dir())
+        try:
+            self.remote = fleet.open_tier(remote_config) if remote_config else None
+        except BaseException:
+            self.cache.close()
+            raise
         self.runner = runner
         self.workdir = workdir
         self.rid = root_id(root)
@@ -96,6 +105,8 @@ class _Session:
         self.timings["open"] = time.monotonic() - t
 
     def close(self) -> None:
+        if self.remote is not None:
+            self.remote.close()
         self.cache.close()
 
     def discover(self) -> tuple[Inputs, Key]:
@@ -173,13 +184,16 @@ class _Session:
             # The compile created inputs (CIL converted from HLL). Once
             # installed, the root has them, and its key is this one.
             stored = _post_install_key(inputs, compiled)
-            self.cache.put_entry(_manifest(stored, self.layout, compiled, path), blobs)
+            post_manifest = _manifest(stored, self.layout, compiled, path)
+            self.cache.put_entry(post_manifest, blobs)
+            fleet.publish(self.remote, self.cache, post_manifest, blobs, self.timings)
         # The linked outputs of this module set, for later relinks, and what
         # the inputs were, for `explain`.
         self.cache.put_json(f"linked:{module_set_key(stored.components)}", {"key": stored.hex})
         self.cache.put_json(f"inputs:{key.hex}",
                             explain_mod.snapshot(inputs, _local_texts(self.layout, inputs)))
         self.timings["store"] = time.monotonic() - t
+        fleet.publish(self.remote, self.cache, manifest, blobs, self.timings)
         return manifest, blobs
 
     def relink_source(self, key: Key) -> Manifest | None:
@@ -231,6 +245,11 @@ class _Session:
         if relinked is not None:
             return (*relinked, "relinked")
         return (*self.compile_and_store(inputs, key), "rebuilt")
+
+    def fetch_remote(self, key: Key) -> tuple[Manifest, dict[str, bytes]] | None:
+        """The fleet tier's entry, verified, and now in the local tier too."""
+        return fleet.fetch_into(self.remote, self.cache, key.hex, self.layout.policy_type,
+                                 self.timings)
 
     def record(self, doc: dict[str, Any]) -> None:
         self.cache.put_json(f"last:{self.rid}", doc)
@@ -285,11 +304,12 @@ def _modes(manifest: Manifest, blobs: Mapping[str, bytes]) -> dict[str, tuple[by
 
 
 def finalize(root: str = "/", cache_dir: str | None = None, *, runner: Runner = run,
-             workdir: str | None = None) -> Result:
+             workdir: str | None = None, remote: RemoteConfig | None = None) -> Result:
     """Make ``root``'s installed policy match its inputs, from the cache when
-    possible. Raises a SelcacheError, leaving the root as it was, on failure."""
+    possible. Raises a SelcacheError, leaving the root as it was, on failure.
+    ``remote``: the fleet tier (default: from the environment and config file)."""
     start = time.monotonic()
-    s = _Session(root, cache_dir, runner, workdir)
+    s = _Session(root, cache_dir, runner, workdir, remote or load_config())
     try:
         try:
             result = _finalize(s, start)
@@ -317,9 +337,13 @@ def _finalize(s: _Session, start: float) -> Result:
                               hashed=s.hashed)
             outputs = s.load(manifest) if manifest is not None else None
             compile_seconds = None
+            source: str | None = None
             if manifest is not None and outputs is not None:
                 s.cache.count("hits")
-                action = "reused"
+                action, source = "reused", "local"
+            elif (fetched := s.fetch_remote(key)) is not None:
+                manifest, outputs = fetched
+                action, source = "reused", "remote"
             else:
                 s.cache.count("misses")
                 try:
@@ -341,19 +365,21 @@ def _finalize(s: _Session, start: float) -> Result:
             return Result(action, layout.root, layout.policy_type, key.hex,
                           time.monotonic() - start, written=report.written,
                           compile_seconds=compile_seconds, recovered=recovered + report.recovered,
-                          timings=s.timings, hashed=s.hashed)
+                          timings=s.timings, hashed=s.hashed, source=source)
     raise InputsChanged(f"the SELinux inputs of {layout.root} kept changing while selcache "
                         "worked (twice); nothing was installed. Retry when the root is quiet.")
 
 
 def stage(root: str = "/", cache_dir: str | None = None, *, runner: Runner = run,
-          workdir: str | None = None, precompile: bool = False) -> Result:
+          workdir: str | None = None, precompile: bool = False,
+          remote: RemoteConfig | None = None) -> Result:
     """Compile ahead and fill the cache; install nothing. Action is ``cached``
-    (already there) or ``compiled``. A stage is the watcher's baseline (what
-    it reports changes against), unless it is the watcher's own background
-    ``precompile``."""
+    (already in the local cache; uploaded to the fleet tier if this machine
+    signs), ``fetched`` (from the fleet tier) or ``compiled``. A stage is the
+    watcher's baseline (what it reports changes against), unless it is the
+    watcher's own background ``precompile``."""
     start = time.monotonic()
-    s = _Session(root, cache_dir, runner, workdir)
+    s = _Session(root, cache_dir, runner, workdir, remote or load_config())
     try:
         result = _stage(s, start)
         if not precompile:
@@ -368,9 +394,14 @@ def _stage(s: _Session, start: float) -> Result:
         for _attempt in (1, 2):
             inputs, key = s.discover()
             manifest = s.lookup(key)
-            if manifest is not None and s.load(manifest) is not None:
+            outputs = s.load(manifest) if manifest is not None else None
+            if manifest is not None and outputs is not None:
+                fleet.publish(s.remote, s.cache, manifest, outputs, s.timings)
                 return Result("cached", s.layout.root, s.layout.policy_type, key.hex,
-                              time.monotonic() - start, timings=s.timings)
+                              time.monotonic() - start, timings=s.timings, source="local")
+            if s.fetch_remote(key) is not None:
+                return Result("fetched", s.layout.root, s.layout.policy_type, key.hex,
+                              time.monotonic() - start, timings=s.timings, source="remote")
             try:
                 s.build_and_store(inputs, key)
             except _Moved:
@@ -382,10 +413,11 @@ def _stage(s: _Session, start: float) -> Result:
                         "compile (twice); nothing was cached")
 
 
-def status(root: str = "/", cache_dir: str | None = None) -> dict[str, Any]:
+def status(root: str = "/", cache_dir: str | None = None, *,
+           remote: RemoteConfig | None = None) -> dict[str, Any]:
     """A read-only report on ``root``: its key, whether the installed files match,
     what finalize would do, the cache's counters and the last finalize."""
-    s = _Session(root, cache_dir, run, None)
+    s = _Session(root, cache_dir, run, None, remote or load_config())
     try:
         inputs, key = s.discover()
         manifest = s.lookup(key)
@@ -398,6 +430,9 @@ def status(root: str = "/", cache_dir: str | None = None) -> dict[str, Any]:
             predicted = "relinked"
         else:
             predicted = "rebuilt"
+        remote_doc = fleet.status_doc(s.remote, s.cache, key.hex, s.layout.policy_type)
+        if predicted == "rebuilt" and remote_doc["entry"] == "verified":
+            predicted = "reused"
         return {
             "version": 1,
             "root": s.layout.root,
@@ -412,6 +447,7 @@ def status(root: str = "/", cache_dir: str | None = None) -> dict[str, Any]:
             "cache": {"dir": s.cache.directory, **s.cache.stats()},
             "last_finalize": s.cache.get_json(f"last:{s.rid}"),
             "watcher": journal.report(journal.load(s.cache, s.rid)),
+            "remote": remote_doc,
         }
     finally:
         s.close()

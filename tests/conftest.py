@@ -13,6 +13,8 @@ import pytest
 from selcache import sample
 from selcache.layout import read_layout
 
+from .fleet import keys, redis_server, redis_server_session  # noqa: F401 - fixtures
+
 REPO = Path(__file__).resolve().parent.parent
 POLICIES = REPO / "policies"
 
@@ -37,6 +39,15 @@ def small_root(tmp_path: Path) -> Path:
 @pytest.fixture
 def ref_root(tmp_path: Path) -> Path:
     return sample.copy_root(sample.pristine_root("refpolicy"), tmp_path / "root")
+
+
+@pytest.fixture(autouse=True)
+def no_host_remote_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests never see the host's /etc/selcache/selcache.conf or SELCACHE_* remote."""
+    monkeypatch.setenv("SELCACHE_CONFIG", os.devnull)
+    for var in ("SELCACHE_REMOTE", "SELCACHE_REMOTE_READONLY", "SELCACHE_REMOTE_TIMEOUT",
+                "SELCACHE_SIGNING_KEY", "SELCACHE_TRUSTED_KEYS"):
+        monkeypatch.delenv(var, raising=False)
 
 
 @pytest.fixture(autouse=True)

@@ -178,8 +178,8 @@ def test_overflow_marks_the_journal_untrusted_and_rescans(small_root: Path, cach
         assert set(doc["dirty"]) == {"booleans"}
     finally:
         ctx.__exit__(None, None, None)
-    assert pipeline.finalize(str(small_root), cache_dir).action == "rebuilt"
-    assert_matches_reference(small_root, tmp_path)
+    assert pipeline.finalize(str(small_root), cache_dir).action == "relinked"
+    assert_matches_reference(small_root, tmp_path, semantic_policy=True)
 
 
 def test_killed_watcher_is_not_trusted_and_a_late_watcher_rescans(
@@ -198,8 +198,8 @@ def test_killed_watcher_is_not_trusted_and_a_late_watcher_rescans(
         assert set(doc["dirty"]) == {"booleans"}
         assert any(r["reason"].startswith("start-up") for r in doc["recent_rescans"])
     result = pipeline.finalize(str(small_root), cache_dir)
-    assert result.action == "rebuilt"
-    assert_matches_reference(small_root, tmp_path)
+    assert result.action == "relinked"
+    assert_matches_reference(small_root, tmp_path, semantic_policy=True)
 
 
 def test_a_lying_journal_changes_nothing(small_root: Path, cache_dir: str,
@@ -216,9 +216,9 @@ def test_a_lying_journal_changes_nothing(small_root: Path, cache_dir: str,
     (active(small_root) / "booleans.local").write_text("httpd_can_network_connect=1\n")
     status = pipeline.status(str(small_root), cache_dir)
     assert status["watcher"]["trusted"] and status["watcher"]["dirty"] == {}
-    assert status["predicted_action"] == "rebuilt"
-    assert pipeline.finalize(str(small_root), cache_dir).action == "rebuilt"
-    assert_matches_reference(small_root, tmp_path)
+    assert status["predicted_action"] == "relinked"
+    assert pipeline.finalize(str(small_root), cache_dir).action == "relinked"
+    assert_matches_reference(small_root, tmp_path, semantic_policy=True)
 
 
 def _rss_kib(pid: int) -> int:
