@@ -65,6 +65,9 @@ class Result:
     timings: Mapping[str, float] = field(default_factory=dict)
     hashed: int = 0  # input files read and hashed (the rest the stat cache vouched for)
     source: str | None = None  # where a reused output set came from: "local" | "remote"
+    #: How the installed output set was first produced: "rebuilt" (a full
+    #: compile, byte-identical to semodule -B) or "relinked" (the same meaning).
+    compiled_as: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -80,6 +83,7 @@ class Result:
             "timings": {k: round(v, 6) for k, v in self.timings.items()},
             "hashed": self.hashed,
             "source": self.source,
+            "compiled_as": self.compiled_as,
         }
 
 
@@ -334,7 +338,7 @@ def _finalize(s: _Session, start: float) -> Result:
                 s.cache.count("hits")
                 return Result("unchanged", layout.root, layout.policy_type, key.hex,
                               time.monotonic() - start, recovered=recovered, timings=s.timings,
-                              hashed=s.hashed)
+                              hashed=s.hashed, compiled_as=manifest.compile_path)
             outputs = s.load(manifest) if manifest is not None else None
             compile_seconds = None
             source: str | None = None
@@ -365,7 +369,8 @@ def _finalize(s: _Session, start: float) -> Result:
             return Result(action, layout.root, layout.policy_type, key.hex,
                           time.monotonic() - start, written=report.written,
                           compile_seconds=compile_seconds, recovered=recovered + report.recovered,
-                          timings=s.timings, hashed=s.hashed, source=source)
+                          timings=s.timings, hashed=s.hashed, source=source,
+                          compiled_as=manifest.compile_path)
     raise InputsChanged(f"the SELinux inputs of {layout.root} kept changing while selcache "
                         "worked (twice); nothing was installed. Retry when the root is quiet.")
 
