@@ -103,6 +103,14 @@ class Sandbox:
         os.chmod(full, mode)
         self.placed.add(rel)
 
+    def seed(self, rel: str, data: bytes) -> None:
+        """Put a file that is part of the output set (unlike ``write``, which
+        places inputs, never harvested)."""
+        full = os.path.join(self.path, rel)
+        os.makedirs(os.path.dirname(full), exist_ok=True)
+        with open(full, "wb") as fh:
+            fh.write(data)
+
     def populate(self, inputs: Inputs) -> None:
         """Copy every present input into the sandbox, checking each file's bytes
         against the digest the key was computed from."""
@@ -261,11 +269,7 @@ def relink_policy(inputs: Inputs, linked: Mapping[str, bytes], *, runner: Runner
     with Sandbox(layout, workdir) as sb:
         sb.populate(inputs)
         for rel, data in linked.items():
-            # Seeded, not placed: they are part of the output set.
-            full = os.path.join(sb.path, rel)
-            os.makedirs(os.path.dirname(full), exist_ok=True)
-            with open(full, "wb") as fh:
-                fh.write(data)
+            sb.seed(rel, data)
         stderr = sb.run(["/usr/bin/python3", "-I", "-c", _RELINK_SCRIPT, layout.policy_type],
                         runner)
         if stderr.strip():
@@ -278,12 +282,19 @@ def relink_policy(inputs: Inputs, linked: Mapping[str, bytes], *, runner: Runner
     return Compiled(files=files, seconds=seconds, generated_inputs=frozenset())
 
 
-def compile_policy(inputs: Inputs, *, runner: Runner = run, workdir: str | None = None) -> Compiled:
-    """Full rebuild of ``inputs`` in a sandbox: ``semodule -N -B``."""
+def compile_policy(inputs: Inputs, *, runner: Runner = run, workdir: str | None = None,
+                   conversions: Mapping[str, bytes] | None = None) -> Compiled:
+    """Full rebuild of ``inputs`` in a sandbox: ``semodule -N -B``.
+    ``conversions``: CIL files (root-relative store paths) converted from a
+    module's HLL earlier, by the same converter from the same bytes. They are
+    put beside the HLL so libsemanage skips converting those modules; like
+    the CIL it would write, they are part of the output set."""
     layout = inputs.layout
     start = time.monotonic()
     with Sandbox(layout, workdir) as sb:
         sb.populate(inputs)
+        for rel, data in (conversions or {}).items():
+            sb.seed(rel, data)
         stderr = sb.run(semodule_build_argv(inputs), runner)
         if stderr.strip():
             log.info("semodule: %s", stderr.strip())

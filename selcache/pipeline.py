@@ -170,8 +170,22 @@ class _Session:
     def compile_and_store(self, inputs: Inputs, key: Key) -> tuple[Manifest, dict[str, bytes]]:
         """Compile, confirm the root's inputs did not move meanwhile, then store."""
         t = time.monotonic()
-        compiled = compile_policy(inputs, runner=self.runner, workdir=self.workdir)
+        pending = _conversion_keys(inputs, key)
+        known: dict[str, bytes] = {}
+        for rel, ckey in pending.items():
+            doc = self.cache.get_json(f"hll2cil:{ckey}")
+            data = self.cache.get_blob(doc["sha256"]) if isinstance(doc, dict) else None
+            if data is not None:
+                known[rel] = data
+        if known:
+            log.info("reusing %d of %d HLL->CIL conversions", len(known), len(pending))
+        compiled = compile_policy(inputs, runner=self.runner, workdir=self.workdir,
+                                  conversions=known)
         self.timings["compile"] = time.monotonic() - t
+        for rel, ckey in pending.items():
+            if rel in compiled.files and rel not in known:
+                sha = self.cache.put_blob(compiled.files[rel][0])
+                self.cache.put_json(f"hll2cil:{ckey}", {"sha256": sha})
         return self._store_compiled(inputs, key, compiled, "rebuilt")
 
     def _store_compiled(self, inputs: Inputs, key: Key, compiled: Compiled,
@@ -261,6 +275,22 @@ class _Session:
 
 class _Moved(Exception):
     """The root's inputs changed while we worked."""
+
+
+def _conversion_keys(inputs: Inputs, key: Key) -> dict[str, str]:
+    """For each module whose HLL has no CIL yet: the CIL's path, and a key for
+    its conversion (the HLL's and lang_ext's digests and the toolchain, which
+    includes the HLL compiler). libsemanage itself trusts any CIL file that
+    exists; selcache reuses only a conversion of the very same bytes."""
+    present = {f.rel: f.digest for f in inputs.files if f.digest != MISSING}
+    tool = key.components.get("toolchain", "")
+    out: dict[str, str] = {}
+    for rel, digest in present.items():
+        if rel.endswith("/hll") and f"{rel[:-4]}/cil" not in present:
+            lang = present.get(f"{rel[:-4]}/lang_ext", MISSING)
+            out[f"{rel[:-4]}/cil"] = hashlib.sha256(
+                f"hll2cil\0{digest}\0{lang}\0{tool}".encode()).hexdigest()
+    return out
 
 
 def _local_texts(layout: Layout, inputs: Inputs) -> dict[str, bytes]:

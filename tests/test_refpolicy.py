@@ -61,6 +61,32 @@ def test_missing_cil_is_converted_installed_and_then_unchanged(
     again = selcache.finalize(str(ref_root), cache_dir)
     assert again.action == "unchanged" and again.key != first.key
 
+    # Another root with the same HLL and no CIL, plus a new module: the
+    # rebuild is handed the earlier conversion before semodule runs.
+    from selcache import sample
+    from selcache.runner import run
+
+    from .scenarios import POLICIES, add_module
+
+    second = sample.copy_root(sample.pristine_root("refpolicy"), tmp_path / "second")
+    (second / cil.relative_to(ref_root)).unlink()
+    add_module(second, "demoapp", POLICIES / "refpolicy" / "demoapp.cil")
+    work = tmp_path / "work"
+    work.mkdir()
+    seen: list[bytes] = []
+
+    def inspecting(argv: list[str]) -> object:
+        for found in work.glob(f"selcache-sandbox-*/{cil.relative_to(ref_root)}"):
+            seen.append(found.read_bytes())
+        return run(argv)
+
+    result = selcache.finalize(str(second), cache_dir, runner=inspecting,  # type: ignore[arg-type]
+                               workdir=str(work))
+    assert result.action == "rebuilt"
+    assert seen == [original], "the cached conversion was not put in place before semodule"
+    assert (second / cil.relative_to(ref_root)).read_bytes() == original
+    assert_matches_reference(second, tmp_path)
+
 
 def test_boolean_change_is_relinked_without_a_cil_compile_then_reverted_and_module_added(
         ref_root: Path, cache_dir: str, tmp_path: Path) -> None:
