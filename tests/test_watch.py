@@ -303,3 +303,40 @@ def test_refpolicy_change_mid_precompile_supersedes_it(ref_root: Path, cache_dir
     # The killed compile's sandbox was removed as it unwound.
     assert set(Path(tempfile.gettempdir()).glob("selcache-sandbox-*")) <= sandboxes
     assert_matches_reference(ref_root, tmp_path)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_dead_watchdog_thread_is_noticed_restarted_and_rescanned(
+        small_root: Path, cache_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An exception kills watchdog's dispatch thread (a fault injected into
+    the event handler: it cannot be produced on demand otherwise). The
+    watcher distrusts the journal, restarts the observer, rescans, and sees
+    later changes again."""
+    pipeline.finalize(str(small_root), cache_dir)
+    watcher = Watcher(str(small_root), cache_dir, debounce=0.2, interval=1.0, precompile=False)
+    real = watcher._on_event
+    boom = threading.Event()
+
+    def flaky(event: Any) -> None:
+        if not boom.is_set():
+            boom.set()
+            raise RuntimeError("injected fault in the event handler")
+        real(event)
+
+    monkeypatch.setattr(watcher, "_on_event", flaky)
+    ready = threading.Event()
+    thread = threading.Thread(target=watcher.run, kwargs={"ready": ready.set})
+    thread.start()
+    try:
+        assert ready.wait(30)
+        (active(small_root) / "ports.local").write_text("")  # the event that kills the thread
+        wait_doc(small_root, cache_dir, "the dead thread to be noticed",
+                 lambda d: any("died" in r["reason"] for r in d["recent_rescans"]))
+        (active(small_root) / "seusers.local").write_text("alice:user_u\n")
+        doc = wait_doc(small_root, cache_dir, "seusers after the restart",
+                       lambda d: "seusers" in d["dirty"] and d["trusted"])
+        assert set(doc["dirty"]) == {"ports", "seusers"}
+    finally:
+        watcher.stop()
+        thread.join(30)
+    assert not thread.is_alive()
