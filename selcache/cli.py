@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import signal
+import time
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -24,6 +25,10 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--json", action="store_true", help="print JSON (the stable interface)")
     common.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv: debug)")
     common.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    common.add_argument("--lock-timeout", type=float, default=pipeline.DEFAULT_LOCK_TIMEOUT,
+                        metavar="SECONDS",
+                        help="how long finalize and stage wait for the root's lock and "
+                             "libsemanage's before giving up (exit 8)")
 
     epilog = "exit codes:\n" + "\n".join(f"  {code:>3}  {text}" for code, text in EXIT_CODES.items())
     parser = argparse.ArgumentParser(
@@ -69,9 +74,34 @@ def _human_status(doc: dict[str, Any]) -> str:
         f"{cache['hits']} hits, {cache['misses']} misses ({cache['dir']})",
         f"last finalize:      {last_line}",
     ]
-    if doc.get("interrupted_install"):
+    if cache.get("problem"):
+        lines.append(f"WARNING: the cache is unusable ({cache['problem']}); finalize compiles")
+    failure = doc.get("failure")
+    if failure:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(failure.get("when", 0)))
+        first = (failure.get("message") or "").splitlines()[:1]
+        untouched = {True: "root left unchanged", False: "root NOT unchanged",
+                     None: "root state unknown"}.get(failure.get("root_unchanged"), "")
+        lines.append(f"FAILED finalize:   {when}, at step {failure.get('step', '?')}: "
+                     f"{failure.get('error')}: {first[0] if first else ''} ({untouched})")
+        if failure.get("stderr"):
+            lines += ["  semodule: " + line for line in failure["stderr"].strip().splitlines()]
+    interrupted = doc.get("interrupted")
+    if interrupted:
+        lines.append(f"WARNING: {_describe_interrupted(interrupted)}")
+    elif doc.get("interrupted_install"):
         lines.append("WARNING: an interrupted install was found; the next finalize repairs it")
     return "\n".join(lines)
+
+
+def _describe_interrupted(doc: dict[str, Any]) -> str:
+    if doc.get("repair") == "roll-forward":
+        new = [t for t, state in doc["trees"].items() if state == "exchanged"]
+        todo = [t for t, state in doc["trees"].items() if state == "pending"]
+        return ("an install was interrupted after its commit point ("
+                + (", ".join(new) + " new, " if new else "") + ", ".join(todo)
+                + " not yet); the next finalize rolls it forward")
+    return "an interrupted install left staged files; the next finalize removes them"
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -80,7 +110,7 @@ def _run(args: argparse.Namespace) -> int:
         _emit(args, doc, _human_status(doc))
     elif args.command in ("finalize", "stage"):
         fn = pipeline.finalize if args.command == "finalize" else pipeline.stage
-        result = fn(args.root, args.cache_dir)
+        result = fn(args.root, args.cache_dir, lock_timeout=args.lock_timeout)
         doc = result.to_json()
         human = f"{result.action}: {result.policy_type} policy of {result.root} in {result.seconds:.3f}s"
         if result.written:

@@ -10,9 +10,14 @@ from __future__ import annotations
 
 
 class SelcacheError(Exception):
-    """Base of every error selcache raises on purpose."""
+    """Base of every error selcache raises on purpose.
+
+    ``root_unchanged`` is the promise behind every error: nothing in the root
+    was changed (an interrupted install found at the start may have been
+    repaired). The one exception sets it False and says so in its message."""
 
     exit_code = 1
+    root_unchanged = True
 
 
 class InvalidRoot(SelcacheError, ValueError):
@@ -47,9 +52,15 @@ class CacheError(SelcacheError):
 
 
 class InstallError(SelcacheError, OSError):
-    """Installing the output set failed; the root was left as it was."""
+    """Installing the output set failed; the root was left as it was, unless
+    ``root_unchanged`` is False: then an exchange failed and could not be
+    undone, and the next finalize rolls the install forward."""
 
     exit_code = 7
+
+    def __init__(self, message: str, *, root_unchanged: bool = True) -> None:
+        super().__init__(message)
+        self.root_unchanged = root_unchanged
 
 
 class Busy(SelcacheError):

@@ -29,6 +29,7 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 from . import fsutil
 from .errors import Busy, InstallError, InvalidRoot
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 
 SELINUX_XATTR = "security.selinux"
 STAGING_SUFFIX = ".selcache-new"
+ASIDE_SUFFIX = ".selcache-old"
 _RENAME_EXCHANGE = 2
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -69,7 +71,8 @@ def _exchange(parent_fd: int, name: str, staging: str) -> bool:
     except OSError as exc:
         if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
             raise
-    aside = f".{name}.selcache-old"
+    # Crash-safe too: recover() finishes these three renames (_undo_fallback).
+    aside = f".{name}{ASIDE_SUFFIX}"
     os.rename(name, aside, src_dir_fd=parent_fd, dst_dir_fd=parent_fd)
     os.rename(staging, name, src_dir_fd=parent_fd, dst_dir_fd=parent_fd)
     os.rename(aside, staging, src_dir_fd=parent_fd, dst_dir_fd=parent_fd)
@@ -227,6 +230,10 @@ def _journal_name(layout: Layout) -> str:
 
 
 def _trees(layout: Layout) -> list[str]:
+    # The store first, then the final files: libsemanage's own order
+    # (semanage_commit_sandbox renames the store, then installs the final
+    # files). A machine that boots between the two loads the old final files,
+    # a complete and consistent set; the journal makes the next run finish.
     return [layout.final] if layout.store_in_final else [layout.active, layout.final]
 
 
@@ -235,43 +242,199 @@ def _remove_tree(parent_fd: int, name: str) -> None:
         shutil.rmtree(name, dir_fd=parent_fd)
 
 
+def _split(tree: str) -> tuple[str, str, str, str]:
+    """parent, name, staging name, aside name (the fallback exchange's)."""
+    parent, _, name = tree.rpartition("/")
+    return parent, name, f".{name}{STAGING_SUFFIX}", f".{name}{ASIDE_SUFFIX}"
+
+
+@dataclass(frozen=True)
+class TreeState:
+    """One tree of an interrupted install.
+
+    ``state``: ``pending`` (the new copy is staged, the exchange is still to
+    do: the journal says roll forward), ``exchanged`` (done; the old copy is
+    left beside it), ``leftover`` (no journal: a copy staged before the
+    commit point, or the old copy after a one-tree exchange; removed),
+    ``foreign`` (the tree changed since, e.g. a semodule commit: the staged
+    copy is removed and finalize installs from the inputs)."""
+
+    tree: str
+    state: str
+
+
+@dataclass(frozen=True)
+class Interrupted:
+    """What an interrupted install left in a root, and what recovery will do."""
+
+    committed: bool
+    trees: tuple[TreeState, ...]
+    stray: tuple[str, ...] = ()
+
+    @property
+    def repair(self) -> str:
+        return "roll-forward" if any(t.state == "pending" for t in self.trees) else "clean-up"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"committed": self.committed, "repair": self.repair,
+                "trees": {"/" + t.tree: t.state for t in self.trees},
+                "stray": ["/" + p for p in self.stray]}
+
+
+_UNKNOWN = "unknown"
+
+
+def _classify(rfd: int, tree: str, live: str, staged: str, step: Mapping[str, Any] | None) -> str:
+    if step is None:
+        return "leftover"
+    parent, *_ = _split(tree)
+    probe, new = step["probe"], step["new_sha256"]
+    old = step.get("old_sha256", _UNKNOWN)
+    live_sha = installed_digest(rfd, f"{parent}/{live}/{probe}")
+    staged_sha = installed_digest(rfd, f"{parent}/{staged}/{probe}")
+    if old == _UNKNOWN:  # a journal that did not record the old digest
+        if live_sha == new:
+            return "exchanged"
+        return "pending" if staged_sha == new else "foreign"
+    if live_sha == new and staged_sha == old:
+        return "exchanged"
+    if live_sha == old and staged_sha == new:
+        return "pending"
+    return "foreign"
+
+
+def _read_journal(efd: int, name: str) -> dict[str, Any] | None:
+    if fsutil.lstat_at(efd, name) is None:
+        return None
+    try:
+        plan = json.loads(fsutil.read_at(efd, name, max_size=1 << 20))
+        steps = {str(step["tree"]): step for step in plan["steps"]}
+        for step in steps.values():
+            str(step["probe"]), str(step["new_sha256"])
+    except (ValueError, KeyError, TypeError) as exc:
+        # Written with an atomic rename, so only tampering gets here. Without
+        # a plan nothing is rolled forward: staged copies are removed, and
+        # finalize then installs the right files from the inputs.
+        log.warning("install journal /etc/selinux/%s is unreadable (%s); ignoring it", name, exc)
+        return {"steps": {}}
+    return {"steps": steps}
+
+
+def _stray_names(efd: int, layout: Layout) -> list[str]:
+    prefix = f".{_journal_name(layout)}{fsutil.TMP_INFIX}"
+    with os.scandir(efd) as it:
+        return sorted(e.name for e in it if e.name.startswith(prefix))
+
+
+def inspect_install(layout: Layout) -> Interrupted | None:
+    """Read-only: what an interrupted install left behind, if anything."""
+    with fsutil.opened_root(layout.root) as rfd:
+        try:
+            efd = fsutil.open_dir(rfd, "etc/selinux")
+        except FileNotFoundError:
+            return None
+        try:
+            plan = _read_journal(efd, _journal_name(layout))
+            stray = [f"etc/selinux/{n}" for n in _stray_names(efd, layout)]
+        finally:
+            os.close(efd)
+        steps = plan["steps"] if plan else {}
+        states = []
+        for tree in _trees(layout):
+            parent, name, staging, aside = _split(tree)
+            try:
+                with fsutil.opened_dir(rfd, parent) as pfd:
+                    live, staged = _effective(pfd, name, staging, aside)
+                    if staged is None:
+                        continue
+                    if staged == aside:
+                        stray.append(f"{parent}/{aside}")
+                    states.append(TreeState(tree, _classify(rfd, tree, live, staged,
+                                                            steps.get(tree))))
+            except FileNotFoundError:
+                continue
+    if plan is None and not states and not stray:
+        return None
+    return Interrupted(committed=plan is not None, trees=tuple(states), stray=tuple(stray))
+
+
+def _effective(pfd: int, name: str, staging: str, aside: str) -> tuple[str, str | None]:
+    """Where the live and the staged copy of a tree are, allowing for a
+    fallback exchange (three renames) cut short: (live, staged or None)."""
+    has = {n: fsutil.lstat_at(pfd, n) is not None for n in (name, staging, aside)}
+    if has[aside] and not has[name]:
+        return aside, staging if has[staging] else None
+    if has[aside] and not has[staging]:
+        return name, aside
+    return name, staging if has[staging] else None
+
+
+def _undo_fallback(pfd: int, name: str, staging: str, aside: str) -> str | None:
+    """Finish the renames of a cut-short fallback exchange so that ``name``
+    and ``staging`` are in place again."""
+    has = {n: fsutil.lstat_at(pfd, n) is not None for n in (name, staging, aside)}
+    if not has[aside]:
+        return None
+    if not has[name]:
+        os.rename(aside, name, src_dir_fd=pfd, dst_dir_fd=pfd)
+        return f"put back /{name} from {aside}"
+    if not has[staging]:
+        os.rename(aside, staging, src_dir_fd=pfd, dst_dir_fd=pfd)
+        return f"moved {aside} to {staging}"
+    _remove_tree(pfd, aside)
+    return f"removed leftover {aside}"
+
+
 def recover(layout: Layout) -> tuple[str, ...]:
-    """Finish or undo an install that was interrupted. Returns what was done."""
+    """Finish or undo an install that was interrupted. Returns what was done.
+    The caller holds the root lock and libsemanage's transaction lock.
+
+    Safe to interrupt at any point: every step leaves a state this function
+    recognises, so the next run carries on."""
     done: list[str] = []
     with fsutil.opened_root(layout.root) as rfd, fsutil.opened_dir(rfd, "etc/selinux") as efd:
-        journal_name = _journal_name(layout)
-        plan = None
-        if fsutil.lstat_at(efd, journal_name) is not None:
+        journal = _journal_name(layout)
+        plan = _read_journal(efd, journal)
+        steps = plan["steps"] if plan else {}
+        for tree in _trees(layout):
+            parent, name, staging, aside = _split(tree)
             try:
-                plan = json.loads(fsutil.read_at(efd, journal_name))
-            except ValueError:
-                plan = None
-        if plan is not None:
-            for step in plan.get("steps", []):
-                tree, probe, new_sha = step["tree"], step["probe"], step["new_sha256"]
-                parent, _, name = tree.rpartition("/")
-                staging = f".{name}{STAGING_SUFFIX}"
                 with fsutil.opened_dir(rfd, parent) as pfd:
+                    fixed = _undo_fallback(pfd, name, staging, aside)
+                    if fixed:
+                        os.fsync(pfd)
+                        done.append(f"/{parent}: {fixed}")
                     if fsutil.lstat_at(pfd, staging) is None:
                         continue
-                    live = installed_digest(rfd, f"{tree}/{probe}")
-                    staged = installed_digest(rfd, f"{parent}/{staging}/{probe}")
-                    if live != new_sha and staged == new_sha:
+                    state = _classify(rfd, tree, name, staging, steps.get(tree))
+                    if state == "pending":
                         _exchange(pfd, name, staging)
+                        os.fsync(pfd)
                         done.append(f"rolled forward /{tree}")
+                    elif state == "foreign":
+                        done.append(f"/{tree} changed after the interrupted install; "
+                                    "discarded its staged copy")
+            except FileNotFoundError:
+                continue
+        # Only once every exchange is done: the staged copies (old trees now,
+        # or new ones that never got committed) and then the journal.
         for tree in _trees(layout):
-            parent, _, name = tree.rpartition("/")
+            parent, name, staging, _aside = _split(tree)
             try:
                 with fsutil.opened_dir(rfd, parent) as pfd:
-                    staging = f".{name}{STAGING_SUFFIX}"
                     if fsutil.lstat_at(pfd, staging) is not None:
                         _remove_tree(pfd, staging)
-                        done.append(f"removed leftover /{parent}/{staging}")
                         os.fsync(pfd)
+                        done.append(f"removed /{parent}/{staging}")
             except FileNotFoundError:
-                pass
-        if plan is not None or fsutil.lstat_at(efd, journal_name) is not None:
-            os.unlink(journal_name, dir_fd=efd)
+                continue
+        for stray in _stray_names(efd, layout):
+            os.unlink(stray, dir_fd=efd)
+            done.append(f"removed /etc/selinux/{stray}")
+        if plan is not None:
+            os.unlink(journal, dir_fd=efd)
+            done.append(f"removed the journal /etc/selinux/{journal}")
+        if done:
             os.fsync(efd)
     for line in done:
         log.warning("recovered an interrupted install: %s", line)
@@ -289,9 +452,36 @@ def _next_commit_num(active_fd: int) -> bytes:
     return str(max(old, 0) + 1).encode().ljust(32, b"\0")
 
 
+def _check_output_path(rfd: int, rel: str) -> None:
+    """An output may replace a regular file or fill a missing one; never a
+    symlink, a FIFO or a device, and never below a symlinked directory."""
+    parts = fsutil.split_rel(rel)
+    fd = os.dup(rfd)
+    try:
+        for i, part in enumerate(parts):
+            st = fsutil.lstat_at(fd, part)
+            if st is None:
+                return
+            here = "/".join(parts[: i + 1])
+            last = i == len(parts) - 1
+            if last and not stat.S_ISREG(st.st_mode):
+                raise InvalidRoot(f"/{here} is {fsutil.describe_mode(st.st_mode)} where a policy "
+                                  "file belongs; refusing to replace it")
+            if not last:
+                if not stat.S_ISDIR(st.st_mode):
+                    raise InvalidRoot(f"/{here} is {fsutil.describe_mode(st.st_mode)} where a "
+                                      "directory belongs; refusing to install through it")
+                nfd = fsutil.open_dir(fd, part)
+                os.close(fd)
+                fd = nfd
+    finally:
+        os.close(fd)
+
+
 def install_outputs(layout: Layout, outputs: Mapping[str, tuple[bytes, int]]) -> InstallReport:
     """Make the root's output files equal ``outputs`` (root-relative path ->
-    (bytes, mode)), all or nothing. The caller holds the root lock."""
+    (bytes, mode)), all or nothing. The caller holds the root lock and
+    libsemanage's transaction lock."""
     start = time.monotonic()
     recovered = recover(layout)
     trees = _trees(layout)
@@ -306,23 +496,30 @@ def install_outputs(layout: Layout, outputs: Mapping[str, tuple[bytes, int]]) ->
     staged: list[tuple[str, str, str, str]] = []  # tree, parent, name, staging
     written: list[str] = []
     journal_steps = []
+    with fsutil.opened_root(layout.root) as rfd:
+        plan: dict[str, dict[str, tuple[bytes, int]]] = {}
+        for tree in trees:
+            for rel in by_tree[tree]:
+                _check_output_path(rfd, f"{tree}/{rel}")
+            changed = {rel: v for rel, v in by_tree[tree].items()
+                       if installed_digest(rfd, f"{tree}/{rel}") != hashlib.sha256(v[0]).hexdigest()}
+            if changed:
+                plan[tree] = changed
+    if not plan:
+        return InstallReport(seconds=time.monotonic() - start, recovered=recovered)
     try:
         with fsutil.opened_root(layout.root) as rfd:
-            for tree in trees:
-                files = by_tree[tree]
-                changed = {rel: v for rel, v in files.items()
-                           if installed_digest(rfd, f"{tree}/{rel}") != hashlib.sha256(v[0]).hexdigest()}
-                if not changed:
-                    continue
-                parent, _, name = tree.rpartition("/")
+            for tree, changed in plan.items():
+                parent, name, staging, _aside = _split(tree)
                 fsutil.makedirs_at(rfd, tree)
                 with fsutil.opened_dir(rfd, parent) as pfd, fsutil.opened_dir(pfd, name) as tfd:
                     if tree == layout.active:
                         changed["commit_num"] = (_next_commit_num(tfd), 0o644)
-                    staging = f".{name}{STAGING_SUFFIX}"
                     _remove_tree(pfd, staging)
                     os.mkdir(staging, 0o700, dir_fd=pfd)
                     staged.append((tree, parent, name, staging))
+                    probe = sorted(r for r in changed if r != "commit_num")[0]
+                    old_sha = installed_digest(tfd, probe)
                     with fsutil.opened_dir(pfd, staging) as sfd:
                         tst = os.fstat(tfd)
                         os.fchmod(sfd, stat.S_IMODE(tst.st_mode))
@@ -333,32 +530,14 @@ def install_outputs(layout: Layout, outputs: Mapping[str, tuple[bytes, int]]) ->
                         written += [f"{tree}/{r}" for r in builder.written]
                         _syncfs(sfd)
                     os.fsync(pfd)
-                probe = sorted(r for r in changed if r != "commit_num")[0] if len(changed) > 1 \
-                    else next(iter(changed))
-                journal_steps.append({"tree": tree, "probe": probe,
+                journal_steps.append({"tree": tree, "probe": probe, "old_sha256": old_sha,
                                       "new_sha256": hashlib.sha256(changed[probe][0]).hexdigest()})
-            if not staged:
-                return InstallReport(seconds=time.monotonic() - start, recovered=recovered)
             with fsutil.opened_dir(rfd, "etc/selinux") as efd:
                 if len(staged) > 1:
                     # Commit point: from here on the next run rolls forward.
                     fsutil.atomic_write_at(efd, _journal_name(layout),
                                            json.dumps({"version": 1, "steps": journal_steps}).encode(),
                                            0o600)
-                atomic = True
-                for tree, parent, name, staging in staged:
-                    with fsutil.opened_dir(rfd, parent) as pfd:
-                        atomic &= _exchange(pfd, name, staging)
-                        os.fsync(pfd)
-                staged_done = list(staged)
-                staged = []
-                for tree, parent, name, staging in staged_done:
-                    with fsutil.opened_dir(rfd, parent) as pfd:
-                        _remove_tree(pfd, staging)
-                        os.fsync(pfd)
-                if len(staged_done) > 1:
-                    os.unlink(_journal_name(layout), dir_fd=efd)
-                    os.fsync(efd)
     except InvalidRoot:
         _discard(layout, staged)
         raise
@@ -366,10 +545,57 @@ def install_outputs(layout: Layout, outputs: Mapping[str, tuple[bytes, int]]) ->
         _discard(layout, staged)
         raise InstallError(f"installing into {layout.root} failed before anything was "
                            f"replaced: {exc}") from exc
+    atomic = _commit(layout, staged)
     seconds = time.monotonic() - start
     log.info("installed %d files into %s in %.3fs", len(written), layout.root, seconds)
-    return InstallReport(written=tuple(written), trees=tuple(t for t, *_ in staged_done),
+    return InstallReport(written=tuple(written), trees=tuple(t for t, *_ in staged),
                          exchanged=atomic, seconds=seconds, recovered=recovered)
+
+
+def _commit(layout: Layout, staged: list[tuple[str, str, str, str]]) -> bool:
+    """Exchange every staged tree with its live one, then remove the old copies
+    and the journal. If an exchange fails, undo the ones done so the root is
+    as it was; only if that fails too is the journal left for the next run."""
+    atomic = True
+    done: list[tuple[str, str, str, str]] = []
+    with fsutil.opened_root(layout.root) as rfd, fsutil.opened_dir(rfd, "etc/selinux") as efd:
+        try:
+            for entry in staged:
+                _tree, parent, name, staging = entry
+                with fsutil.opened_dir(rfd, parent) as pfd:
+                    atomic &= _exchange(pfd, name, staging)
+                    done.append(entry)
+                    os.fsync(pfd)
+        except OSError as exc:
+            try:
+                for _tree, parent, name, staging in reversed(done):
+                    with fsutil.opened_dir(rfd, parent) as pfd:
+                        _exchange(pfd, name, staging)
+                        os.fsync(pfd)
+            except OSError as undo_exc:
+                raise InstallError(
+                    f"installing into {layout.root} failed half-way ({exc}) and could not be "
+                    f"undone ({undo_exc}); the next finalize completes it",
+                    root_unchanged=False) from exc
+            _discard(layout, staged)
+            if len(staged) > 1:
+                os.unlink(_journal_name(layout), dir_fd=efd)
+                os.fsync(efd)
+            raise InstallError(f"installing into {layout.root} failed ({exc}); the trees "
+                               "already exchanged were put back") from exc
+        try:
+            for _tree, parent, _name, staging in staged:
+                with fsutil.opened_dir(rfd, parent) as pfd:
+                    _remove_tree(pfd, staging)
+                    os.fsync(pfd)
+            if len(staged) > 1:
+                os.unlink(_journal_name(layout), dir_fd=efd)
+                os.fsync(efd)
+        except OSError as exc:
+            # The new files are in place; what is left is the old copies,
+            # which the next run removes.
+            log.warning("installed, but could not clean up after it: %s", exc)
+    return atomic
 
 
 def _discard(layout: Layout, staged: list[tuple[str, str, str, str]]) -> None:
@@ -378,5 +604,6 @@ def _discard(layout: Layout, staged: list[tuple[str, str, str, str]]) -> None:
             try:
                 with fsutil.opened_dir(rfd, parent) as pfd:
                     _remove_tree(pfd, staging)
+                    os.fsync(pfd)
             except OSError as exc:
                 log.warning("could not remove staging dir %s/%s: %s", parent, staging, exc)

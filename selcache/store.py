@@ -155,7 +155,7 @@ def _check_owned(path: str, st: os.stat_result) -> None:
                          f"(mode {stat.S_IMODE(st.st_mode):o}); refusing to trust the cache")
 
 
-def _check_dir_safe(path: str) -> None:
+def check_dir_safe(path: str) -> None:
     """The cache dir and everything directly in it (the database files and the
     value directories) must be ours, not writable by others, and no symlinks."""
     st = os.lstat(path)
@@ -253,7 +253,7 @@ class Cache:
         except OSError as exc:
             self._disable(f"cannot create the cache dir: {exc.strerror}")
             return
-        _check_dir_safe(self.directory)
+        check_dir_safe(self.directory)
         self._open()
 
     # -- opening, rebuilding, giving up -----------------------------------------
