@@ -39,7 +39,6 @@ log = logging.getLogger(__name__)
 
 SELINUX_XATTR = "security.selinux"
 STAGING_SUFFIX = ".selcache-new"
-ASIDE_SUFFIX = ".selcache-old"
 _RENAME_EXCHANGE = 2
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -48,7 +47,6 @@ _libc = ctypes.CDLL(None, use_errno=True)
 class InstallReport:
     written: tuple[str, ...] = ()
     trees: tuple[str, ...] = ()
-    exchanged: bool = True
     seconds: float = 0.0
     recovered: tuple[str, ...] = field(default=())
 
@@ -62,21 +60,16 @@ def _renameat2_exchange(dir_fd: int, a: str, b: str) -> None:
         raise OSError(err, f"renameat2({a}, {b}, RENAME_EXCHANGE): {os.strerror(err)}")
 
 
-def _exchange(parent_fd: int, name: str, staging: str) -> bool:
-    """Swap ``staging`` and ``name``. Returns False if the fallback (two plain
-    renames, with a short window where ``name`` is missing) had to be used."""
-    try:
-        _renameat2_exchange(parent_fd, staging, name)
-        return True
-    except OSError as exc:
-        if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-            raise
-    # Crash-safe too: recover() finishes these three renames (_undo_fallback).
-    aside = f".{name}{ASIDE_SUFFIX}"
-    os.rename(name, aside, src_dir_fd=parent_fd, dst_dir_fd=parent_fd)
-    os.rename(staging, name, src_dir_fd=parent_fd, dst_dir_fd=parent_fd)
-    os.rename(aside, staging, src_dir_fd=parent_fd, dst_dir_fd=parent_fd)
-    return False
+#: errno values saying the file system cannot exchange two names atomically.
+NO_EXCHANGE = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)
+
+
+def _exchange(parent_fd: int, name: str, staging: str) -> None:
+    """Swap ``staging`` and ``name`` in one step. There is no fallback: two
+    plain renames would leave a moment with no ``name`` at all, and a machine
+    that boots then finds no policy. Where the file system cannot exchange
+    (NFS, some FUSE file systems), installing fails with the root unchanged."""
+    _renameat2_exchange(parent_fd, staging, name)
 
 
 def _syncfs(fd: int) -> None:
@@ -242,10 +235,10 @@ def _remove_tree(parent_fd: int, name: str) -> None:
         shutil.rmtree(name, dir_fd=parent_fd)
 
 
-def _split(tree: str) -> tuple[str, str, str, str]:
-    """parent, name, staging name, aside name (the fallback exchange's)."""
+def _split(tree: str) -> tuple[str, str, str]:
+    """parent, name, staging name."""
     parent, _, name = tree.rpartition("/")
-    return parent, name, f".{name}{STAGING_SUFFIX}", f".{name}{ASIDE_SUFFIX}"
+    return parent, name, f".{name}{STAGING_SUFFIX}"
 
 
 @dataclass(frozen=True)
@@ -287,7 +280,7 @@ _UNKNOWN = "unknown"
 def _classify(rfd: int, tree: str, live: str, staged: str, step: Mapping[str, Any] | None) -> str:
     if step is None:
         return "leftover"
-    parent, *_ = _split(tree)
+    parent = _split(tree)[0]
     probe, new = step["probe"], step["new_sha256"]
     old = step.get("old_sha256", _UNKNOWN)
     live_sha = installed_digest(rfd, f"{parent}/{live}/{probe}")
@@ -341,48 +334,17 @@ def inspect_install(layout: Layout) -> Interrupted | None:
         steps = plan["steps"] if plan else {}
         states = []
         for tree in _trees(layout):
-            parent, name, staging, aside = _split(tree)
+            parent, name, staging = _split(tree)
             try:
                 with fsutil.opened_dir(rfd, parent) as pfd:
-                    live, staged = _effective(pfd, name, staging, aside)
-                    if staged is None:
+                    if fsutil.lstat_at(pfd, staging) is None:
                         continue
-                    if staged == aside:
-                        stray.append(f"{parent}/{aside}")
-                    states.append(TreeState(tree, _classify(rfd, tree, live, staged,
-                                                            steps.get(tree))))
             except FileNotFoundError:
                 continue
+            states.append(TreeState(tree, _classify(rfd, tree, name, staging, steps.get(tree))))
     if plan is None and not states and not stray:
         return None
     return Interrupted(committed=plan is not None, trees=tuple(states), stray=tuple(stray))
-
-
-def _effective(pfd: int, name: str, staging: str, aside: str) -> tuple[str, str | None]:
-    """Where the live and the staged copy of a tree are, allowing for a
-    fallback exchange (three renames) cut short: (live, staged or None)."""
-    has = {n: fsutil.lstat_at(pfd, n) is not None for n in (name, staging, aside)}
-    if has[aside] and not has[name]:
-        return aside, staging if has[staging] else None
-    if has[aside] and not has[staging]:
-        return name, aside
-    return name, staging if has[staging] else None
-
-
-def _undo_fallback(pfd: int, name: str, staging: str, aside: str) -> str | None:
-    """Finish the renames of a cut-short fallback exchange so that ``name``
-    and ``staging`` are in place again."""
-    has = {n: fsutil.lstat_at(pfd, n) is not None for n in (name, staging, aside)}
-    if not has[aside]:
-        return None
-    if not has[name]:
-        os.rename(aside, name, src_dir_fd=pfd, dst_dir_fd=pfd)
-        return f"put back /{name} from {aside}"
-    if not has[staging]:
-        os.rename(aside, staging, src_dir_fd=pfd, dst_dir_fd=pfd)
-        return f"moved {aside} to {staging}"
-    _remove_tree(pfd, aside)
-    return f"removed leftover {aside}"
 
 
 def recover(layout: Layout) -> tuple[str, ...]:
@@ -397,13 +359,9 @@ def recover(layout: Layout) -> tuple[str, ...]:
         plan = _read_journal(efd, journal)
         steps = plan["steps"] if plan else {}
         for tree in _trees(layout):
-            parent, name, staging, aside = _split(tree)
+            parent, name, staging = _split(tree)
             try:
                 with fsutil.opened_dir(rfd, parent) as pfd:
-                    fixed = _undo_fallback(pfd, name, staging, aside)
-                    if fixed:
-                        os.fsync(pfd)
-                        done.append(f"/{parent}: {fixed}")
                     if fsutil.lstat_at(pfd, staging) is None:
                         continue
                     state = _classify(rfd, tree, name, staging, steps.get(tree))
@@ -419,7 +377,7 @@ def recover(layout: Layout) -> tuple[str, ...]:
         # Only once every exchange is done: the staged copies (old trees now,
         # or new ones that never got committed) and then the journal.
         for tree in _trees(layout):
-            parent, name, staging, _aside = _split(tree)
+            parent, name, staging = _split(tree)
             try:
                 with fsutil.opened_dir(rfd, parent) as pfd:
                     if fsutil.lstat_at(pfd, staging) is not None:
@@ -510,7 +468,7 @@ def install_outputs(layout: Layout, outputs: Mapping[str, tuple[bytes, int]]) ->
     try:
         with fsutil.opened_root(layout.root) as rfd:
             for tree, changed in plan.items():
-                parent, name, staging, _aside = _split(tree)
+                parent, name, staging = _split(tree)
                 fsutil.makedirs_at(rfd, tree)
                 with fsutil.opened_dir(rfd, parent) as pfd, fsutil.opened_dir(pfd, name) as tfd:
                     if tree == layout.active:
@@ -545,25 +503,24 @@ def install_outputs(layout: Layout, outputs: Mapping[str, tuple[bytes, int]]) ->
         _discard(layout, staged)
         raise InstallError(f"installing into {layout.root} failed before anything was "
                            f"replaced: {exc}") from exc
-    atomic = _commit(layout, staged)
+    _commit(layout, staged)
     seconds = time.monotonic() - start
     log.info("installed %d files into %s in %.3fs", len(written), layout.root, seconds)
     return InstallReport(written=tuple(written), trees=tuple(t for t, *_ in staged),
-                         exchanged=atomic, seconds=seconds, recovered=recovered)
+                         seconds=seconds, recovered=recovered)
 
 
-def _commit(layout: Layout, staged: list[tuple[str, str, str, str]]) -> bool:
+def _commit(layout: Layout, staged: list[tuple[str, str, str, str]]) -> None:
     """Exchange every staged tree with its live one, then remove the old copies
     and the journal. If an exchange fails, undo the ones done so the root is
     as it was; only if that fails too is the journal left for the next run."""
-    atomic = True
     done: list[tuple[str, str, str, str]] = []
     with fsutil.opened_root(layout.root) as rfd, fsutil.opened_dir(rfd, "etc/selinux") as efd:
         try:
             for entry in staged:
                 _tree, parent, name, staging = entry
                 with fsutil.opened_dir(rfd, parent) as pfd:
-                    atomic &= _exchange(pfd, name, staging)
+                    _exchange(pfd, name, staging)
                     done.append(entry)
                     os.fsync(pfd)
         except OSError as exc:
@@ -581,8 +538,13 @@ def _commit(layout: Layout, staged: list[tuple[str, str, str, str]]) -> bool:
             if len(staged) > 1:
                 os.unlink(_journal_name(layout), dir_fd=efd)
                 os.fsync(efd)
-            raise InstallError(f"installing into {layout.root} failed ({exc}); the trees "
-                               "already exchanged were put back") from exc
+            why = str(exc)
+            if exc.errno in NO_EXCHANGE:
+                why = ("the file system cannot exchange two directories atomically "
+                       f"(renameat2 RENAME_EXCHANGE: {exc.strerror}); selcache does not install "
+                       "without it")
+            raise InstallError(f"installing into {layout.root} failed: {why}; the root is "
+                               "unchanged") from exc
         try:
             for _tree, parent, _name, staging in staged:
                 with fsutil.opened_dir(rfd, parent) as pfd:
@@ -595,7 +557,6 @@ def _commit(layout: Layout, staged: list[tuple[str, str, str, str]]) -> bool:
             # The new files are in place; what is left is the old copies,
             # which the next run removes.
             log.warning("installed, but could not clean up after it: %s", exc)
-    return atomic
 
 
 def _discard(layout: Layout, staged: list[tuple[str, str, str, str]]) -> None:
