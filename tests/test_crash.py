@@ -12,6 +12,7 @@ kills it after a random delay.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -312,3 +313,67 @@ def test_kill_during_install_refpolicy(tmp_path: Path) -> None:
     trials.append(("random kill", after_delay(random.Random(7).uniform(0, setup.seconds))))
     seen = run_trials(setup, tmp_path / "t", trials)
     assert {"old", "window", "new"} <= set(seen)
+
+
+def _failing_exchange(monkeypatch: pytest.MonkeyPatch, fail_on: set[int], err: int) -> list[str]:
+    """renameat2 that fails on the given calls (1-based): a file system that
+    cannot exchange, or an I/O error half-way. Cannot be produced for real
+    on this machine's ext4 and tmpfs."""
+    from selcache import install
+
+    real = install._renameat2_exchange
+    calls: list[str] = []
+
+    def exchange(dir_fd: int, a: str, b: str) -> None:
+        calls.append(b)
+        if len(calls) in fail_on:
+            raise OSError(err, os.strerror(err))
+        real(dir_fd, a, b)
+
+    monkeypatch.setattr(install, "_renameat2_exchange", exchange)
+    return calls
+
+
+@pytest.mark.parametrize("fail_on, err", [
+    pytest.param({1}, errno.EINVAL, id="no-exchange-support"),
+    pytest.param({2}, errno.EINVAL, id="final-files-on-a-file-system-without-exchange"),
+    pytest.param({2}, errno.EIO, id="io-error-on-the-second-exchange"),
+])
+def test_failed_exchange_leaves_the_root_unchanged(
+        small_setup: Setup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str], fail_on: set[int], err: int) -> None:
+    from selcache.cli import main
+
+    root, cache = fresh(small_setup, tmp_path / "t")
+    before = tree_digest(root)
+    calls = _failing_exchange(monkeypatch, fail_on, err)
+    code = main(["finalize", "--root", str(root), "--cache-dir", str(cache)])
+    stderr = capsys.readouterr().err
+    assert code == 7, stderr
+    assert "the root is unchanged" in stderr
+    if err == errno.EINVAL:
+        assert "RENAME_EXCHANGE" in stderr
+    # An exchange done before the failure was exchanged back.
+    assert len(calls) == {1: 1, 2: 3}[max(fail_on)]
+    assert tree_digest(root) == before
+    stamp = selcache.status(str(root), str(cache))["failure"]
+    assert stamp["error"] == "InstallError" and stamp["step"] == "install"
+    assert stamp["root_unchanged"] is True
+    monkeypatch.undo()
+    check_next_finalize(small_setup, root, cache)
+    assert selcache.status(str(root), str(cache))["failure"] is None
+
+
+def test_failed_exchange_that_cannot_be_undone_is_finished_next_time(
+        small_setup: Setup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root, cache = fresh(small_setup, tmp_path / "t")
+    _failing_exchange(monkeypatch, {2, 3}, errno.EIO)
+    with pytest.raises(selcache.InstallError, match="could not be undone") as info:
+        selcache.finalize(str(root), str(cache))
+    assert info.value.root_unchanged is False
+    monkeypatch.undo()
+    # Exactly the crash window: the journal rolls it forward.
+    assert check_killed(small_setup, root, cache) == "window"
+    status = selcache.status(str(root), str(cache))
+    assert status["failure"]["root_unchanged"] is False
+    check_next_finalize(small_setup, root, cache)
