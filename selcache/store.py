@@ -457,6 +457,8 @@ class Cache:
         """Blobs first, then the manifest: a manifest never names a blob that was
         never written (eviction may still drop one later; lookups verify). If
         any blob cannot be stored (a full disk), the manifest is not either."""
+        if self._dc is None:
+            return False
         for f in manifest.files:
             if self.put_blob(blobs[f.path]) is None:
                 log.warning("cache entry %s not stored: blob for %s could not be written",
