@@ -46,7 +46,9 @@ class InputsChanged(SelcacheError):
 
 
 class CacheError(SelcacheError):
-    """The cache directory cannot be used safely."""
+    """The cache cannot be trusted: not ours, writable by others, symlinks.
+    A cache that merely does not work (garbage, locked, read-only, full) is
+    not an error: it is disabled for the run, with a warning."""
 
     exit_code = 6
 
@@ -88,9 +90,9 @@ EXIT_CODES: dict[int, str] = {
     InvalidRoot.exit_code: "invalid root: bad or missing SELinux config, path tricks, unexpected files",
     CompileError.exit_code: "semodule failed to build the policy (its stderr is shown)",
     InputsChanged.exit_code: "the root's inputs changed during the compile, twice",
-    CacheError.exit_code: "the cache directory is unsafe or unusable",
+    CacheError.exit_code: "the cache is unsafe (not ours, writable by others, symlinks)",
     InstallError.exit_code: "installing the output set failed; the root is unchanged",
-    Busy.exit_code: "another selcache holds the root's lock",
+    Busy.exit_code: "the root's lock or libsemanage's is held past --lock-timeout",
     SandboxError.exit_code: "the compile sandbox could not be set up",
     VerifyMismatch.exit_code: "verify: installed files differ from a fresh compile",
     130: "interrupted (SIGINT)",

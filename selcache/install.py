@@ -7,11 +7,13 @@ builds a complete new copy beside it: unchanged files are hard links (nothing
 is ever written in place, so a file hardlinked into an ostree repo is never
 modified), changed files are new files with the replaced file's mode and
 SELinux label. One ``renameat2(RENAME_EXCHANGE)`` per tree then swaps old and
-new. On ostree-style roots the store lives inside ``etc/selinux/TYPE`` and one
-exchange commits everything. With two trees, an intent journal written before
-the first exchange lets the next run roll an interrupted install forward
-(``recover``). libsemanage itself commits by renaming ``active`` too
-(semanage_commit_sandbox), without the exchange.
+new; there is no non-atomic fallback. On ostree-style roots the store lives
+inside ``etc/selinux/TYPE`` and one exchange commits everything. With two
+trees, an intent journal written before the first exchange is the commit
+point, and ``recover`` rolls an interrupted install forward (or removes what
+an install cut short before it left). libsemanage itself commits by renaming
+``active`` too (semanage_commit_sandbox), then copies the final files one by
+one, with no recovery.
 """
 
 from __future__ import annotations
