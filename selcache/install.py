@@ -276,21 +276,15 @@ class Interrupted:
                 "stray": ["/" + p for p in self.stray]}
 
 
-_UNKNOWN = "unknown"
-
-
 def _classify(rfd: int, tree: str, live: str, staged: str, step: Mapping[str, Any] | None) -> str:
     if step is None:
         return "leftover"
     parent = _split(tree)[0]
-    probe, new = step["probe"], step["new_sha256"]
-    old = step.get("old_sha256", _UNKNOWN)
+    probe, old, new = step["probe"], step["old_sha256"], step["new_sha256"]
     live_sha = installed_digest(rfd, f"{parent}/{live}/{probe}")
     staged_sha = installed_digest(rfd, f"{parent}/{staged}/{probe}")
-    if old == _UNKNOWN:  # a journal that did not record the old digest
-        if live_sha == new:
-            return "exchanged"
-        return "pending" if staged_sha == new else "foreign"
+    # The probe is a file the install changes, so old != new: which copy
+    # holds which tells whether this tree was exchanged.
     if live_sha == new and staged_sha == old:
         return "exchanged"
     if live_sha == old and staged_sha == new:
@@ -305,7 +299,7 @@ def _read_journal(efd: int, name: str) -> dict[str, Any] | None:
         plan = json.loads(fsutil.read_at(efd, name, max_size=1 << 20))
         steps = {str(step["tree"]): step for step in plan["steps"]}
         for step in steps.values():
-            str(step["probe"]), str(step["new_sha256"])
+            str(step["probe"]), str(step["new_sha256"]), step["old_sha256"]
     except (ValueError, KeyError, TypeError) as exc:
         # Written with an atomic rename, so only tampering gets here. Without
         # a plan nothing is rolled forward: staged copies are removed, and

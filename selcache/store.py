@@ -343,7 +343,8 @@ class Cache:
         or damaged database disables the cache for the rest of the run, so a
         shutdown-time finalize waits for it at most once."""
         if _is_corrupt(exc):
-            self._disable(f"the database is damaged ({exc}); it is rebuilt at the next open")
+            self._disable(f"the database is damaged ({exc}); it was moved aside, and the "
+                          "next run starts an empty cache")
             self._rebuild(str(exc))
         elif _is_locked(exc):
             self._disable(f"the database stayed locked by another process for {self.timeout:g}s")

@@ -365,7 +365,10 @@ def test_failed_exchange_leaves_the_root_unchanged(
 
 
 def test_failed_exchange_that_cannot_be_undone_is_finished_next_time(
-        small_setup: Setup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        small_setup: Setup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from selcache.cli import main
+
     root, cache = fresh(small_setup, tmp_path / "t")
     _failing_exchange(monkeypatch, {2, 3}, errno.EIO)
     with pytest.raises(selcache.InstallError, match="could not be undone") as info:
@@ -376,4 +379,9 @@ def test_failed_exchange_that_cannot_be_undone_is_finished_next_time(
     assert check_killed(small_setup, root, cache) == "window"
     status = selcache.status(str(root), str(cache))
     assert status["failure"]["root_unchanged"] is False
+    assert main(["status", "--root", str(root), "--cache-dir", str(cache)]) == 0
+    human = capsys.readouterr().out
+    assert "root NOT unchanged" in human
+    assert (f"an install was interrupted after its commit point (/{small_setup.trees[0]} new, "
+            f"/{small_setup.trees[1]} not yet); the next finalize rolls it forward") in human
     check_next_finalize(small_setup, root, cache)
