@@ -4,8 +4,8 @@
 SYSTEM_PYTHON := /usr/bin/python3
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := semodule-utils secilc policycoreutils python3-setools python3-venv \
-	python3-pip python3-matplotlib util-linux
+APT_PACKAGES := semodule-utils secilc policycoreutils python3-setools python3-semanage python3-venv \
+	python3-pip python3-matplotlib util-linux redis-server openssl
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 STAMP := $(VENV)/.selcache-installed
 
@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml Makefile
 	fi
 	test -x $(PY) || $(SYSTEM_PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
-	$(PY) -c "import setools, diskcache, watchdog" 
+	$(PY) -c "import setools, diskcache, watchdog, redis, cryptography"
 	touch $@
 
 demo: deps

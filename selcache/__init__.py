@@ -10,14 +10,16 @@ from .errors import (
     Busy,
     CacheError,
     CompileError,
+    ConfigError,
     InputsChanged,
     InstallError,
+    InvalidPolicy,
     InvalidRoot,
     SandboxError,
     SelcacheError,
     VerifyMismatch,
 )
-from .pipeline import Result, finalize, gc, stage, status, verify
+from .pipeline import Result, diff, explain, finalize, gc, stage, status, verify
 
 __version__ = "0.1.0"
 
@@ -25,14 +27,18 @@ __all__ = [
     "Busy",
     "CacheError",
     "CompileError",
+    "ConfigError",
     "InputsChanged",
     "InstallError",
+    "InvalidPolicy",
     "InvalidRoot",
     "Result",
     "SandboxError",
     "SelcacheError",
     "VerifyMismatch",
     "__version__",
+    "diff",
+    "explain",
     "finalize",
     "gc",
     "stage",

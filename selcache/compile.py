@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from . import fsutil
 from .errors import CompileError, InputsChanged, SandboxError
-from .inputs import ACCOUNT_DIRS, DIRECTORY, MISSING, Inputs
+from .inputs import ACCOUNT_DIRS, DIRECTORY, MISSING, Inputs, single_file_inputs
 from .layout import CONFIG_REL, SEMANAGE_CONF_REL, Layout
 from .runner import Runner, run
 
@@ -164,6 +164,10 @@ class Sandbox:
         final files under etc/selinux/TYPE. Inputs we placed are not outputs."""
         layout = self.layout
         out: dict[str, tuple[bytes, int]] = {}
+        # libsemanage may (re)write a local customization file it was handed
+        # (the relink's commit writes an empty booleans.local where there was
+        # none): those are the root's inputs, never outputs.
+        fixed = set(single_file_inputs(layout))
         for top in (layout.active, layout.final):
             base = os.path.join(self.path, top)
             if not os.path.isdir(base):
@@ -173,7 +177,7 @@ class Sandbox:
                 for entry in fsutil.walk_files(fd):
                     rel = f"{top}/{entry.rel}"
                     name = rel.rsplit("/", 1)[-1]
-                    if rel in self.placed or name in _NOT_OUTPUTS or rel in out:
+                    if rel in self.placed or rel in fixed or name in _NOT_OUTPUTS or rel in out:
                         continue
                     if rel == f"{layout.active}/commit_num":
                         continue  # a counter, bumped at install, never cached
@@ -199,6 +203,79 @@ def semodule_build_argv(inputs: Inputs) -> list[str]:
     if f"{layout.active}/preserve_tunables" in present:
         argv.append("-P")
     return argv
+
+
+#: What libsemanage's no-rebuild commit reads instead of compiling the CIL
+#: (direct_api.c, semanage_direct_commit: it stats the first three and loads
+#: the linked ones), what genhomedircon reads, and the module-set checksum that
+#: `--rebuild-if-modules-changed` compares. Relative to active/.
+LINKED_FILES = ("policy.kern", "file_contexts", "seusers", "policy.linked", "seusers.linked",
+                "users_extra.linked", "homedir_template", "modules_checksum")
+
+#: Marks the local boolean database modified without changing its content, so
+#: that libsemanage's commit takes the no-rebuild path *and* writes the kernel
+#: policy and the final files: it merges every local customization onto the
+#: linked policy and runs genhomedircon (semodule has no flag for this; a
+#: plain commit with no modification writes nothing).
+_RELINK_SCRIPT = r"""
+import sys
+import semanage as s
+
+store = sys.argv[1]
+h = s.semanage_handle_create()
+s.semanage_select_store(h, store, s.SEMANAGE_CON_DIRECT)
+s.semanage_set_reload(h, 0)
+s.semanage_set_rebuild(h, 0)
+if s.semanage_connect(h) < 0 or s.semanage_begin_transaction(h) < 0:
+    sys.exit("cannot open the store")
+rc, local = s.semanage_bool_list_local(h)
+if rc < 0:
+    sys.exit("cannot list local booleans")
+if local:
+    b = local[0]
+    rc, key = s.semanage_bool_key_extract(h, b)
+    if rc < 0 or s.semanage_bool_modify_local(h, key, b) < 0:
+        sys.exit("cannot re-set a local boolean")
+else:
+    rc, known = s.semanage_bool_list(h)
+    if rc < 0 or not known:
+        sys.exit("the policy has no boolean to mark")
+    b = known[0]
+    rc, key = s.semanage_bool_key_extract(h, b)
+    if rc < 0 or s.semanage_bool_modify_local(h, key, b) < 0             or s.semanage_bool_del_local(h, key) < 0:
+        sys.exit("cannot mark the booleans modified")
+if s.semanage_commit(h) < 0:
+    sys.exit("commit failed")
+"""
+
+
+def relink_policy(inputs: Inputs, linked: Mapping[str, bytes], *, runner: Runner = run,
+                  workdir: str | None = None) -> Compiled:
+    """Merge ``inputs``' local customizations onto an already linked policy
+    (``linked``: root-relative store paths -> bytes, from a cached compile of
+    the same module set) without compiling the CIL: libsemanage's own
+    no-rebuild commit. The kernel policy is semantically, not bytewise, what
+    a full rebuild gives (openshift/os#1036); the other files are identical."""
+    layout = inputs.layout
+    start = time.monotonic()
+    with Sandbox(layout, workdir) as sb:
+        sb.populate(inputs)
+        for rel, data in linked.items():
+            # Seeded, not placed: they are part of the output set.
+            full = os.path.join(sb.path, rel)
+            os.makedirs(os.path.dirname(full), exist_ok=True)
+            with open(full, "wb") as fh:
+                fh.write(data)
+        stderr = sb.run(["/usr/bin/python3", "-I", "-c", _RELINK_SCRIPT, layout.policy_type],
+                        runner)
+        if stderr.strip():
+            log.info("relink: %s", stderr.strip())
+        files = sb.harvest()
+    if not any(p.startswith(f"{layout.final}/policy/policy.") for p in files):
+        raise CompileError("the relink wrote no kernel policy", stderr=stderr)
+    seconds = time.monotonic() - start
+    log.info("relinked %s policy in %.2fs (%d files)", layout.policy_type, seconds, len(files))
+    return Compiled(files=files, seconds=seconds, generated_inputs=frozenset())
 
 
 def compile_policy(inputs: Inputs, *, runner: Runner = run, workdir: str | None = None) -> Compiled:

@@ -20,11 +20,22 @@ class SelcacheError(Exception):
     root_unchanged = True
 
 
+class ConfigError(SelcacheError, ValueError):
+    """A bad option, configuration file or key file (the remote tier's)."""
+
+    exit_code = 2
+
+
 class InvalidRoot(SelcacheError, ValueError):
     """The root is not a usable SELinux root: missing or bad config, path tricks,
     unexpected file types in the store."""
 
     exit_code = 3
+
+
+class InvalidPolicy(InvalidRoot):
+    """A file that should be a binary SELinux policy (``policy.N``) is not a
+    readable one: truncated, corrupt, or another kind of file."""
 
 
 class CompileError(SelcacheError):
@@ -86,7 +97,7 @@ class VerifyMismatch(SelcacheError):
 EXIT_CODES: dict[int, str] = {
     0: "success",
     1: "unexpected error (a bug: run with --debug and report it)",
-    2: "usage error",
+    ConfigError.exit_code: "usage error: bad option, configuration file or key file",
     InvalidRoot.exit_code: "invalid root: bad or missing SELinux config, path tricks, unexpected files",
     CompileError.exit_code: "semodule failed to build the policy (its stderr is shown)",
     InputsChanged.exit_code: "the root's inputs changed during the compile, twice",

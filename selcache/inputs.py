@@ -136,21 +136,57 @@ def module_component(rel: str) -> str:
     return "store-other"
 
 
+def store_component(rel: str) -> str | None:
+    """Component of a path inside the store's ``active/``; None for an output."""
+    if rel in STORE_OUTPUTS:
+        return None
+    if rel.startswith("modules/"):
+        return module_component(rel)
+    return LOCAL_FILES.get(rel, "store-other")
+
+
+def single_file_inputs(layout: Layout) -> dict[str, str]:
+    """Root-relative path -> component, for every input that is one file at a
+    fixed place: re-hashing that file alone gives its new digest. Everything
+    else (modules, unknown store files) needs a walk of the store."""
+    out = {CONFIG_REL: "config", SEMANAGE_CONF_REL: "config"}
+    out.update({f"{layout.active}/{name}": comp for name, comp in LOCAL_FILES.items()})
+    out.update({rel: "accounts" for rel in ACCOUNT_FILES})
+    return out
+
+
+def classify(layout: Layout, rel: str) -> str | None:
+    """The component a root-relative path belongs to, or None if it is not an
+    input (an output, libsemanage's tmp/ and previous/, anything else)."""
+    fixed = single_file_inputs(layout).get(rel)
+    if fixed is not None:
+        return fixed
+    if rel in ACCOUNT_DIRS:
+        return "accounts"
+    prefix = layout.active + "/"
+    if rel.startswith(prefix):
+        return store_component(rel[len(prefix):])
+    return None
+
+
+def refresh_file(layout: Layout, rel: str, hasher: Hasher) -> InputFile:
+    """Re-digest one fixed-place input, exactly as ``discover_inputs`` would."""
+    component = single_file_inputs(layout)[rel]
+    with fsutil.opened_root(layout.root) as rfd:
+        return _root_file(rfd, rel, component, hasher)
+
+
 def _store_inputs(rfd: int, layout: Layout, hasher: Hasher) -> list[InputFile]:
     files: list[InputFile] = []
     seen_locals: set[str] = set()
     with fsutil.opened_dir(rfd, layout.active) as afd:
         for entry in fsutil.walk_files(afd):
             rel = entry.rel
-            if rel in STORE_OUTPUTS:
+            component = store_component(rel)
+            if component is None:
                 continue
-            if rel.startswith("modules/"):
-                component = module_component(rel)
-            elif rel in LOCAL_FILES:
-                component = LOCAL_FILES[rel]
+            if rel in LOCAL_FILES:
                 seen_locals.add(rel)
-            else:
-                component = "store-other"
             full = f"{layout.active}/{rel}"
 
             def read(rel: str = rel) -> bytes:

@@ -1,7 +1,10 @@
 """The cache key: per-component digests folded into one sha256.
 
 Two levels share this module. The *full key* covers every component and names
-the final output set. ``diff_components`` tells which components differ between
+the final output set. The *module-set key* covers only what feeds the CIL
+compile (the modules, the compile settings, the flags and the toolchain) and
+names the linked outputs that a relink merges local customizations onto.
+``diff_components`` tells which components differ between
 two keys' component maps, which ``status`` and ``explain`` report.
 """
 
@@ -32,6 +35,23 @@ def fold(components: Mapping[str, str], domain: str = "full") -> str:
 
 def compute_key(inputs: Inputs) -> Key:
     return Key(fold(inputs.components), dict(inputs.components))
+
+
+#: Components, besides every ``module:*``, that feed the whole-program compile.
+LINK_COMPONENTS = frozenset({"config", "dontaudit", "tunables", "toolchain", "store-other"})
+
+#: Components a relink applies exactly as a full rebuild does: each is checked
+#: by the tests against a fresh ``semodule -B`` (setools for the kernel policy,
+#: bytes for every other file). A change to any other component is rebuilt.
+RELINKABLE = frozenset({"booleans", "ports", "fcontext-local", "seusers", "accounts"})
+
+
+def is_link_component(name: str) -> bool:
+    return name.startswith("module:") or name in LINK_COMPONENTS
+
+
+def module_set_key(components: Mapping[str, str]) -> str:
+    return fold({n: d for n, d in components.items() if is_link_component(n)}, "module-set")
 
 
 def diff_components(old: Mapping[str, str], new: Mapping[str, str]) -> dict[str, str]:

@@ -13,14 +13,17 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import fsutil, stamp
-from .compile import Compiled, compile_policy
-from .errors import CacheError, InputsChanged, SelcacheError, VerifyMismatch
+from . import explain as explain_mod
+from . import fsutil, journal, stamp
+from . import remote as fleet
+from .compile import LINKED_FILES, Compiled, compile_policy, relink_policy
+from .errors import CacheError, CompileError, InputsChanged, SelcacheError, VerifyMismatch
 from .inputs import (
+    MISSING,
     Hasher,
     InputFile,
     Inputs,
@@ -28,6 +31,7 @@ from .inputs import (
     component_digest,
     discover_inputs,
     module_component,
+    single_file_inputs,
 )
 from .install import (
     InstallReport,
@@ -37,8 +41,10 @@ from .install import (
     root_lock,
     semanage_lock,
 )
-from .key import Key, compute_key, fold
+from .key import RELINKABLE, Key, compute_key, diff_components, fold, is_link_component, \
+    module_set_key
 from .layout import Layout, read_layout
+from .remote import RemoteConfig, load_config
 from .runner import Runner, run
 from .store import DEFAULT_CACHE_DIR, Cache, Manifest, OutputFile, root_id
 
@@ -66,7 +72,9 @@ class Result:
     compile_seconds: float | None = None
     recovered: tuple[str, ...] = ()
     timings: Mapping[str, float] = field(default_factory=dict)
-    warnings: tuple[str, ...] = ()
+    hashed: int = 0  # input files read and hashed (the rest the stat cache vouched for)
+    source: str | None = None  # where a reused output set came from: "local" | "remote"
+    warnings: tuple[str, ...] = ()  # e.g. the cache could not be used
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -80,6 +88,8 @@ class Result:
             "compile_seconds": self.compile_seconds,
             "recovered": list(self.recovered),
             "timings": {k: round(v, 6) for k, v in self.timings.items()},
+            "hashed": self.hashed,
+            "source": self.source,
             "warnings": list(self.warnings),
         }
 
@@ -88,15 +98,21 @@ class _Session:
     """One root and one cache, for the length of one command."""
 
     def __init__(self, root: str, cache_dir: str | None, runner: Runner,
-                 workdir: str | None) -> None:
+                 workdir: str | None, remote_config: RemoteConfig | None = None) -> None:
         self.timings: dict[str, float] = {}
         t = time.monotonic()
         self.layout: Layout = read_layout(root)
         self.cache = Cache(cache_dir or default_cache_dir())
+        try:
+            self.remote = fleet.open_tier(remote_config) if remote_config else None
+        except BaseException:
+            self.cache.close()
+            raise
         self.runner = runner
         self.workdir = workdir
         self.rid = root_id(root)
         self._stat_cache: dict[str, StatEntry] | None = None
+        self.hashed = 0
         self.timings["open"] = time.monotonic() - t
         # For the failure stamp: where finalize was when it failed.
         self.step = "open"
@@ -112,6 +128,8 @@ class _Session:
         return tuple(out)
 
     def close(self) -> None:
+        if self.remote is not None:
+            self.remote.close()
         self.cache.close()
 
     def discover(self) -> tuple[Inputs, Key]:
@@ -126,6 +144,7 @@ class _Session:
         if inputs.hashed or set(inputs.stat_cache) != set(previous):
             self.cache.put_json(f"statcache:{self.rid}", inputs.stat_cache)
         self._stat_cache = dict(inputs.stat_cache)
+        self.hashed += inputs.hashed
         key = compute_key(inputs)
         self.timings["discover"] = self.timings.get("discover", 0.0) + time.monotonic() - t
         log.debug("discovered %d inputs (%d hashed), key %s", len(inputs.files), inputs.hashed,
@@ -172,20 +191,88 @@ class _Session:
         t = time.monotonic()
         compiled = compile_policy(inputs, runner=self.runner, workdir=self.workdir)
         self.timings["compile"] = time.monotonic() - t
+        return self._store_compiled(inputs, key, compiled, "rebuilt")
+
+    def _store_compiled(self, inputs: Inputs, key: Key, compiled: Compiled,
+                        path: str) -> tuple[Manifest, dict[str, bytes]]:
         _, after = self.discover()
         if after.hex != key.hex:
             raise _Moved()
-        manifest = _manifest(key, self.layout, compiled, "rebuilt")
+        manifest = _manifest(key, self.layout, compiled, path)
         blobs = {p: data for p, (data, _mode) in compiled.files.items()}
         t = time.monotonic()
         self.cache.put_entry(manifest, blobs)
+        stored = key
         if compiled.generated_inputs:
             # The compile created inputs (CIL converted from HLL). Once
             # installed, the root has them, and its key is this one.
-            post = _post_install_key(inputs, compiled)
-            self.cache.put_entry(_manifest(post, self.layout, compiled, "rebuilt"), blobs)
+            stored = _post_install_key(inputs, compiled)
+            post_manifest = _manifest(stored, self.layout, compiled, path)
+            self.cache.put_entry(post_manifest, blobs)
+            fleet.publish(self.remote, self.cache, post_manifest, blobs, self.timings)
+        # The linked outputs of this module set, for later relinks, and what
+        # the inputs were, for `explain`.
+        self.cache.put_json(f"linked:{module_set_key(stored.components)}", {"key": stored.hex})
+        self.cache.put_json(f"inputs:{key.hex}",
+                            explain_mod.snapshot(inputs, _local_texts(self.layout, inputs)))
         self.timings["store"] = time.monotonic() - t
+        fleet.publish(self.remote, self.cache, manifest, blobs, self.timings)
         return manifest, blobs
+
+    def relink_source(self, key: Key) -> Manifest | None:
+        """A cached compile this key can be relinked from: the same module
+        set (module-set key), and every component that differs from it one
+        that a relink applies exactly (key.RELINKABLE)."""
+        doc = self.cache.get_json(f"linked:{module_set_key(key.components)}")
+        if not isinstance(doc, dict) or not isinstance(doc.get("key"), str):
+            return None
+        base = self.cache.get_manifest(doc["key"])
+        if base is None or base.policy_type != self.layout.policy_type:
+            return None
+        differ = diff_components(base.components, key.components)
+        if any(is_link_component(n) or n not in RELINKABLE for n in differ):
+            return None
+        wanted = {f"{self.layout.active}/{n}" for n in LINKED_FILES}
+        files = [f for f in base.files if f.path in wanted]
+        if len(files) < len(wanted) - 1 or not all(self.cache.has_blob(f.sha256) for f in files):
+            return None  # modules_checksum may be absent; nothing else may
+        return base
+
+    def relink_and_store(self, inputs: Inputs, key: Key) -> tuple[Manifest, dict[str, bytes]] | None:
+        """The relinked path, or None when no cached compile qualifies."""
+        base = self.relink_source(key)
+        if base is None:
+            return None
+        wanted = {f"{self.layout.active}/{n}" for n in LINKED_FILES}
+        linked: dict[str, bytes] = {}
+        for f in base.files:
+            if f.path in wanted:
+                data = self.cache.get_blob(f.sha256)
+                if data is None:
+                    return None
+                linked[f.path] = data
+        t = time.monotonic()
+        try:
+            compiled = relink_policy(inputs, linked, runner=self.runner, workdir=self.workdir)
+        except CompileError as exc:
+            # The full compile decides: it fails too if the inputs are bad.
+            log.warning("relink failed, rebuilding instead: %s", exc)
+            return None
+        self.timings["compile"] = time.monotonic() - t
+        return self._store_compiled(inputs, key, compiled, "relinked")
+
+    def build_and_store(self, inputs: Inputs, key: Key) -> tuple[Manifest, dict[str, bytes], str]:
+        """The cheapest compile that is correct: a relink when a cached compile
+        of the same module set qualifies, else a full rebuild."""
+        relinked = self.relink_and_store(inputs, key)
+        if relinked is not None:
+            return (*relinked, "relinked")
+        return (*self.compile_and_store(inputs, key), "rebuilt")
+
+    def fetch_remote(self, key: Key) -> tuple[Manifest, dict[str, bytes]] | None:
+        """The fleet tier's entry, verified, and now in the local tier too."""
+        return fleet.fetch_into(self.remote, self.cache, key.hex, self.layout.policy_type,
+                                 self.timings)
 
     def record(self, doc: dict[str, Any]) -> None:
         self.cache.put_json(f"last:{self.rid}", doc)
@@ -193,6 +280,20 @@ class _Session:
 
 class _Moved(Exception):
     """The root's inputs changed while we worked."""
+
+
+def _local_texts(layout: Layout, inputs: Inputs) -> dict[str, bytes]:
+    """The fixed-place files in the store (``*.local``, flags) that exist."""
+    fixed = {rel for rel in single_file_inputs(layout) if rel.startswith(layout.active + "/")}
+    out: dict[str, bytes] = {}
+    with fsutil.opened_root(layout.root) as rfd:
+        for f in inputs.files:
+            if f.rel in fixed and f.digest != MISSING:
+                try:
+                    out[f.rel] = fsutil.read_rel(rfd, f.rel)
+                except (OSError, SelcacheError):
+                    continue  # gone or replaced meanwhile: the snapshot just lacks its text
+    return out
 
 
 def _is_reg(st: os.stat_result) -> bool:
@@ -226,15 +327,17 @@ def _modes(manifest: Manifest, blobs: Mapping[str, bytes]) -> dict[str, tuple[by
 
 
 def finalize(root: str = "/", cache_dir: str | None = None, *, runner: Runner = run,
-             workdir: str | None = None, lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> Result:
+             workdir: str | None = None, remote: RemoteConfig | None = None,
+             lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> Result:
     """Make ``root``'s installed policy match its inputs, from the cache when
     possible. Raises a SelcacheError, leaving the root as it was, on failure,
     and leaves a failure stamp that ``status`` shows until the next success.
-    An unusable cache is a warning, never a failure: finalize compiles."""
+    An unusable cache is a warning, never a failure: finalize compiles.
+    ``remote``: the fleet tier (default: from the environment and config file)."""
     start = time.monotonic()
     directory = cache_dir or default_cache_dir()
     try:
-        s = _Session(root, directory, runner, workdir)
+        s = _Session(root, directory, runner, workdir, remote or load_config())
     except CacheError:
         raise  # an untrusted cache dir is no place for a stamp either
     except SelcacheError as exc:
@@ -278,23 +381,26 @@ def _finalize(s: _Session, start: float, lock_timeout: float) -> Result:
                 s.cache.count("hits")
                 return Result("unchanged", layout.root, layout.policy_type, key.hex,
                               time.monotonic() - start, recovered=recovered, timings=s.timings,
-                              warnings=s.warnings())
+                              hashed=s.hashed, warnings=s.warnings())
             outputs = s.load(manifest) if manifest is not None else None
             compile_seconds = None
+            source: str | None = None
             if manifest is not None and outputs is not None:
                 s.cache.count("hits")
-                action = "reused"
+                action, source = "reused", "local"
+            elif (fetched := s.fetch_remote(key)) is not None:
+                manifest, outputs = fetched
+                action, source = "reused", "remote"
             else:
                 s.cache.count("misses")
                 s.step = "compile"
                 try:
-                    manifest, outputs = s.compile_and_store(inputs, key)
+                    manifest, outputs, action = s.build_and_store(inputs, key)
                 except _Moved:
                     log.warning("inputs of %s changed during the compile (attempt %d)",
                                 layout.root, attempt)
                     continue
                 compile_seconds = s.timings.get("compile")
-                action = "rebuilt"
             t = time.monotonic()
             s.step = "install"
             with semanage_lock(layout, timeout=lock_timeout):
@@ -308,42 +414,61 @@ def _finalize(s: _Session, start: float, lock_timeout: float) -> Result:
             return Result(action, layout.root, layout.policy_type, key.hex,
                           time.monotonic() - start, written=report.written,
                           compile_seconds=compile_seconds, recovered=recovered + report.recovered,
-                          timings=s.timings, warnings=s.warnings())
+                          timings=s.timings, hashed=s.hashed, source=source,
+                          warnings=s.warnings())
     raise InputsChanged(f"the SELinux inputs of {layout.root} kept changing while selcache "
                         "worked (twice); nothing was installed. Retry when the root is quiet.")
 
 
 def stage(root: str = "/", cache_dir: str | None = None, *, runner: Runner = run,
-          workdir: str | None = None, lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> Result:
+          workdir: str | None = None, precompile: bool = False,
+          remote: RemoteConfig | None = None,
+          lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> Result:
     """Compile ahead and fill the cache; install nothing. Action is ``cached``
-    (already there) or ``compiled``."""
+    (already in the local cache; uploaded to the fleet tier if this machine
+    signs), ``fetched`` (from the fleet tier) or ``compiled``. A stage is the
+    watcher's baseline (what it reports changes against), unless it is the
+    watcher's own background ``precompile``."""
     start = time.monotonic()
-    s = _Session(root, cache_dir, runner, workdir)
+    s = _Session(root, cache_dir, runner, workdir, remote or load_config())
     try:
-        with root_lock(s.layout, timeout=lock_timeout):
-            for _attempt in (1, 2):
-                inputs, key = s.discover()
-                manifest = s.lookup(key)
-                if manifest is not None and s.load(manifest) is not None:
-                    return Result("cached", s.layout.root, s.layout.policy_type, key.hex,
-                                  time.monotonic() - start, timings=s.timings)
-                try:
-                    s.compile_and_store(inputs, key)
-                except _Moved:
-                    continue
-                return Result("compiled", s.layout.root, s.layout.policy_type, key.hex,
-                              time.monotonic() - start, compile_seconds=s.timings.get("compile"),
-                              timings=s.timings)
-        raise InputsChanged(f"the SELinux inputs of {s.layout.root} kept changing during the "
-                            "compile (twice); nothing was cached")
+        result = _stage(s, start, lock_timeout)
+        if not precompile:
+            s.cache.put_json(journal.staged_name(s.rid), {"key": result.key, "when": time.time()})
+        return result
     finally:
         s.close()
 
 
-def status(root: str = "/", cache_dir: str | None = None) -> dict[str, Any]:
+def _stage(s: _Session, start: float, lock_timeout: float) -> Result:
+    with root_lock(s.layout, timeout=lock_timeout):
+        for _attempt in (1, 2):
+            inputs, key = s.discover()
+            manifest = s.lookup(key)
+            outputs = s.load(manifest) if manifest is not None else None
+            if manifest is not None and outputs is not None:
+                fleet.publish(s.remote, s.cache, manifest, outputs, s.timings)
+                return Result("cached", s.layout.root, s.layout.policy_type, key.hex,
+                              time.monotonic() - start, timings=s.timings, source="local")
+            if s.fetch_remote(key) is not None:
+                return Result("fetched", s.layout.root, s.layout.policy_type, key.hex,
+                              time.monotonic() - start, timings=s.timings, source="remote")
+            try:
+                s.build_and_store(inputs, key)
+            except _Moved:
+                continue
+            return Result("compiled", s.layout.root, s.layout.policy_type, key.hex,
+                          time.monotonic() - start, compile_seconds=s.timings.get("compile"),
+                          timings=s.timings)
+    raise InputsChanged(f"the SELinux inputs of {s.layout.root} kept changing during the "
+                        "compile (twice); nothing was cached")
+
+
+def status(root: str = "/", cache_dir: str | None = None, *,
+           remote: RemoteConfig | None = None) -> dict[str, Any]:
     """A read-only report on ``root``: its key, whether the installed files match,
     what finalize would do, the cache's counters and the last finalize."""
-    s = _Session(root, cache_dir, run, None)
+    s = _Session(root, cache_dir, run, None, remote or load_config())
     try:
         inputs, key = s.discover()
         manifest = s.lookup(key)
@@ -352,8 +477,13 @@ def status(root: str = "/", cache_dir: str | None = None) -> dict[str, Any]:
             predicted = "unchanged"
         elif manifest is not None and all(s.cache.has_blob(f.sha256) for f in manifest.files):
             predicted = "reused"
+        elif s.relink_source(key) is not None:
+            predicted = "relinked"
         else:
             predicted = "rebuilt"
+        remote_doc = fleet.status_doc(s.remote, s.cache, key.hex, s.layout.policy_type)
+        if predicted == "rebuilt" and remote_doc["entry"] == "verified":
+            predicted = "reused"
         interrupted = inspect_install(s.layout)
         return {
             "version": 1,
@@ -370,6 +500,8 @@ def status(root: str = "/", cache_dir: str | None = None) -> dict[str, Any]:
             "cache": {"dir": s.cache.directory, **s.cache.stats()},
             "last_finalize": s.cache.get_json(f"last:{s.rid}"),
             "failure": stamp.read_failure(s.cache.directory, root),
+            "watcher": journal.report(journal.load(s.cache, s.rid)),
+            "remote": remote_doc,
         }
     finally:
         s.close()
@@ -402,3 +534,156 @@ def verify(root: str = "/", cache_dir: str | None = None, *, runner: Runner = ru
 def gc(cache_dir: str | None = None, *, max_age: float | None = None) -> dict[str, int]:
     with Cache(cache_dir or default_cache_dir()) as cache:
         return cache.gc(max_age=max_age)
+
+
+def _is_policy_file(name: str) -> bool:
+    return name.startswith("policy.") and name[len("policy."):].isdigit()
+
+
+def _installed_policy(layout: Layout, name: str) -> tuple[str, bytes] | None:
+    """The installed kernel policy: ``name`` (the file finalize would write)
+    if present, else the highest ``policy.N``; None when there is none."""
+    policy_dir = f"{layout.final}/policy"
+    with fsutil.opened_root(layout.root) as rfd:
+        try:
+            with fsutil.opened_dir(rfd, policy_dir) as dfd:
+                names = [n for n in os.listdir(dfd) if _is_policy_file(n)]
+                if not names:
+                    return None
+                if name not in names:
+                    name = max(names, key=lambda n: int(n.split(".")[1]))
+                return f"{policy_dir}/{name}", fsutil.read_at(dfd, name, what=f"{policy_dir}/{name}")
+        except FileNotFoundError:
+            return None
+
+
+def diff(root: str = "/", cache_dir: str | None = None, *, full: bool = False,
+         progress: Callable[[str, int, int], None] | None = None, runner: Runner = run,
+         workdir: str | None = None) -> dict[str, Any]:
+    """A semantic diff (setools) from the installed kernel policy to the one
+    finalize would install: the cached entry's ``policy.N``, else a compile
+    that fills the cache as ``stage`` does. Installs nothing. ``full``
+    compares every rule (slow); the default is the quick comparison of
+    ``analysis.compare``. Returns the ``selcache diff --json`` document."""
+    from . import analysis  # setools stays off the finalize path
+
+    start = time.monotonic()
+    s = _Session(root, cache_dir, runner, workdir)
+    try:
+        layout = s.layout
+        with root_lock(layout):
+            for _attempt in (1, 2):
+                inputs, key = s.discover()
+                manifest = s.lookup(key)
+                outputs = s.load(manifest) if manifest is not None else None
+                source = "cache"
+                if manifest is None or outputs is None:
+                    if progress is not None:
+                        progress("compiling the pending policy", 0, 1)
+                    try:
+                        manifest, outputs, _ = s.build_and_store(inputs, key)
+                    except _Moved:
+                        continue
+                    source = "compiled"
+                break
+            else:
+                raise InputsChanged(f"the SELinux inputs of {layout.root} kept changing during "
+                                    "the compile (twice); nothing was compared")
+            pending = [p for p in outputs
+                       if p.startswith(f"{layout.final}/policy/")
+                       and _is_policy_file(p.rpartition("/")[2])]
+            if len(pending) != 1:
+                raise SelcacheError(f"the output set of key {key.hex[:16]} has {len(pending)} "
+                                    f"kernel policy files under /{layout.final}/policy")
+            new_rel = pending[0]
+            installed = _installed_policy(layout, new_rel.rpartition("/")[2])
+    finally:
+        s.close()
+    new = outputs[new_rel]
+    doc: dict[str, Any] = {
+        "version": 1, "root": layout.root, "policy_type": layout.policy_type, "key": key.hex,
+        "mode": "full" if full else "quick",
+        "installed": None,
+        "pending": {"path": new_rel, "sha256": fsutil.sha256_hex(new), "source": source},
+    }
+    if installed is not None:
+        old_rel, old = installed
+        doc["installed"] = {"path": old_rel, "sha256": fsutil.sha256_hex(old)}
+        if old == new:
+            # Nothing to analyse: the same bytes mean the same policy.
+            doc.update(byte_identical=True, identical=True, differences={}, rules={},
+                       rule_changes={}, seconds=round(time.monotonic() - start, 6))
+            return doc
+    cmp = analysis.compare(installed[1] if installed else None, new, full=full,
+                           progress=progress,
+                           labels=(f"/{installed[0]}" if installed else "", f"the pending /{new_rel}"))
+    if doc["installed"] is not None:
+        doc["installed"]["policy"] = cmp["left"]
+    doc["pending"]["policy"] = cmp["right"]
+    doc.update(byte_identical=False, identical=cmp["identical"], differences=cmp["differences"],
+               rules=cmp["rules"], rule_changes=cmp["rule_changes"],
+               seconds=round(time.monotonic() - start, 6))
+    return doc
+
+
+def explain(root: str = "/", cache_dir: str | None = None) -> dict[str, Any]:
+    """Which path finalize will take and why, naming every component that
+    differs from the closest cached entry. Read-only, and compiles nothing."""
+    s = _Session(root, cache_dir, run, None)
+    try:
+        layout = s.layout
+        inputs, key = s.discover()
+        manifests = [m for m in s.cache.iter_manifests() if m.policy_type == layout.policy_type]
+        manifest = s.lookup(key)
+        source = s.relink_source(key)
+        base: Manifest | None
+        if manifest is not None and s.installed_matches(manifest):
+            action, base = "unchanged", manifest
+            reason = "the installed files are the cached output set of these inputs"
+        elif manifest is not None and all(s.cache.has_blob(f.sha256) for f in manifest.files):
+            action, base = "reused", manifest
+            reason = (f"these inputs were compiled before ({manifest.compile_path}); "
+                      "their output set is cached and will be installed")
+        elif source is not None:
+            action, base = "relinked", source
+            reason = ("the same module set was compiled before; only local customizations "
+                      "differ, which libsemanage merges onto its linked policy without a CIL "
+                      "compile")
+        else:
+            action = "rebuilt"
+            base = explain_mod.closest(manifests, key.components)
+            if base is None:
+                reason = "nothing for this root's policy type is cached yet"
+            else:
+                differ = diff_components(base.components, key.components)
+                compile_side = [n for n in differ if is_link_component(n)]
+                other = [n for n in differ if not is_link_component(n) and n not in RELINKABLE]
+                if compile_side:
+                    reason = ("the module set or the compile's settings changed ("
+                              + ", ".join(compile_side[:5])
+                              + (", ..." if len(compile_side) > 5 else "")
+                              + "): a full compile")
+                else:
+                    reason = (f"{', '.join(other)} changed, which only a full compile applies "
+                              "exactly")
+        old = s.cache.get_json(f"inputs:{base.key}") if base is not None else None
+        texts = {rel: data.decode(errors="replace")
+                 for rel, data in _local_texts(layout, inputs).items()}
+        changes = explain_mod.changes(base, old if isinstance(old, dict) else None, inputs,
+                                      key.components, texts)
+        estimate = explain_mod.estimate(manifests, action) if action in ("relinked", "rebuilt") \
+            else None
+        return {
+            "version": 1,
+            "root": layout.root,
+            "policy_type": layout.policy_type,
+            "key": key.hex,
+            "action": action,
+            "reason": reason,
+            "base": None if base is None else {
+                "key": base.key, "compile_path": base.compile_path, "created": base.created},
+            "changes": changes,
+            "estimated_seconds": estimate,
+        }
+    finally:
+        s.close()

@@ -7,6 +7,8 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from selcache.inputs import discover_inputs
+from selcache.key import diff_components
 from selcache.layout import read_layout
 
 POLICIES = Path(__file__).resolve().parent.parent / "policies"
@@ -101,20 +103,49 @@ SCENARIOS: dict[str, Callable[[Path], None]] = {
 }
 
 
-def finalize_scenario(name: str, root: Path, cache_dir: str, workdir: Path) -> str:
+def _components(root: Path) -> dict[str, str]:
+    return dict(discover_inputs(read_layout(str(root))).components)
+
+
+#: Scenarios whose only changes are local customizations or accounts: with
+#: the module set already compiled, finalize relinks them.
+RELINKED = frozenset({"booleans-local-hand-edit", "file-contexts-local-added",
+                      "new-home-root-in-passwd"})
+
+
+def finalize_scenario(name: str, root: Path, cache_dir: str, workdir: Path, *,
+                      warm: bool = False) -> str:
     """Apply scenario ``name``, finalize, and check the result against a fresh
-    semodule -B of the same inputs. Returns the key finalize reported."""
+    semodule -B of the same inputs. ``warm``: finalize once before the change,
+    so the cache holds the unchanged module set. Returns the key finalize
+    reported."""
     import selcache
 
     from .conftest import assert_matches_reference, output_files
 
+    if warm:
+        selcache.finalize(str(root), cache_dir)
     before = output_files(root)
+    old = _components(root)
     SCENARIOS[name](root)
+    explained = selcache.explain(str(root), cache_dir)
     result = selcache.finalize(str(root), cache_dir)
+    assert explained["action"] == result.action
+    if warm:
+        # explain names exactly the components that changed, each in words.
+        changed = diff_components(old, _components(root))
+        assert {c["component"] for c in explained["changes"]} == set(changed), (explained, changed)
+        for c in explained["changes"]:
+            if c["component"].startswith("module:"):
+                assert f"module {c['component'][7:]} " in c["detail"]
+            assert c["detail"] and c["detail"] != f"{c['component']} {c['change']}", c
     if name == "nothing":
         assert result.written == ()
+        assert result.action == ("unchanged" if warm else "rebuilt")
     else:
-        assert result.action == "rebuilt"
+        assert result.action == ("relinked" if warm and name in RELINKED else "rebuilt")
         assert output_files(root) != before
-    assert_matches_reference(root, workdir)
+    assert_matches_reference(root, workdir, semantic_policy=result.action == "relinked")
+    # Finalize changed no input: the same inputs are now installed.
+    assert selcache.status(str(root), cache_dir)["key"] == result.key
     return result.key

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -89,3 +92,19 @@ def test_unsafe_cache_dir_exit_code(small_root: Path, tmp_path: Path,
     bad.chmod(0o777)
     code, _, err = run(capsys, "status", "--root", str(small_root), "--cache-dir", str(bad))
     assert code == 6 and "writable" in err
+
+
+def test_the_finalizer_example_refreshes_then_finds_nothing_to_do(small_root: Path,
+                                                                  cache_dir: str) -> None:
+    example = Path(__file__).resolve().parent.parent / "examples" / "finalizer.py"
+    env = {**os.environ, "SELCACHE_CACHE_DIR": cache_dir}
+    first = subprocess.run([sys.executable, str(example), str(small_root)], env=env,
+                           capture_output=True, text=True, check=True)
+    assert "Refreshed SELinux policy" in first.stdout and "(rebuilt" in first.stdout
+    second = subprocess.run([sys.executable, str(example), str(small_root)], env=env,
+                            capture_output=True, text=True, check=True)
+    assert "(unchanged)" in second.stdout
+    (small_root / "etc" / "selinux" / "config").write_text("SELINUXTYPE=../x\n")
+    bad = subprocess.run([sys.executable, str(example), str(small_root)], env=env,
+                         capture_output=True, text=True)
+    assert bad.returncode == 3 and "failed" in bad.stderr

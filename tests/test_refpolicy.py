@@ -8,6 +8,7 @@ import pytest
 
 import selcache
 from selcache.layout import read_layout
+from selcache.store import Cache
 
 from .conftest import assert_matches_reference, output_files, tree_digest
 from .scenarios import SCENARIOS, booleans_local, finalize_scenario
@@ -59,3 +60,32 @@ def test_missing_cil_is_converted_installed_and_then_unchanged(
     assert_matches_reference(ref_root, tmp_path)
     again = selcache.finalize(str(ref_root), cache_dir)
     assert again.action == "unchanged" and again.key != first.key
+
+
+def test_boolean_change_is_relinked_without_a_cil_compile_then_reverted_and_module_added(
+        ref_root: Path, cache_dir: str, tmp_path: Path) -> None:
+    from selcache.runner import run
+
+    from .scenarios import POLICIES, add_module
+
+    argvs: list[str] = []
+
+    def recording(argv: list[str]) -> object:
+        argvs.append(" ".join(argv))
+        return run(argv)
+
+    first = selcache.finalize(str(ref_root), cache_dir)
+    assert first.action == "rebuilt"
+    booleans_local(ref_root)
+    relinked = selcache.finalize(str(ref_root), cache_dir, runner=recording)  # type: ignore[arg-type]
+    assert relinked.action == "relinked"
+    assert len(argvs) == 1 and "semodule" not in argvs[0] and "semanage_commit" in argvs[0]
+    assert_matches_reference(ref_root, tmp_path, semantic_policy=True)
+    with Cache(cache_dir) as cache:
+        manifest = cache.get_manifest(relinked.key)
+        assert manifest is not None and manifest.compile_path == "relinked"
+    (ref_root / read_layout(str(ref_root)).active / "booleans.local").unlink()
+    reverted = selcache.finalize(str(ref_root), cache_dir)
+    assert reverted.action == "reused" and reverted.key == first.key
+    add_module(ref_root, "demoapp", POLICIES / "refpolicy" / "demoapp.cil")
+    assert selcache.finalize(str(ref_root), cache_dir).action == "rebuilt"
