@@ -86,8 +86,10 @@ def test_roots_sharing_a_cache_at_once_are_all_correct(small_root: Path, cache_d
                                     for r in roots.values()])))
     assert docs["a"]["key"] == docs["c"]["key"] != docs["b"]["key"]
     for name, root in roots.items():
-        assert docs[name]["action"] in ("rebuilt", "reused")
-        assert_matches_reference(root, tmp_path / f"ref-{name}")
+        # b may relink onto a's or c's compile: the same modules.
+        assert docs[name]["action"] in ("rebuilt", "relinked", "reused")
+        assert_matches_reference(root, tmp_path / f"ref-{name}",
+                                 semantic_policy=docs[name]["action"] == "relinked")
     assert output_files(roots["a"]) == output_files(roots["c"])
     with Cache(cache_dir) as cache:
         for doc in docs.values():
