@@ -25,6 +25,8 @@ from selcache.store import Cache
 from .conftest import REPO, assert_matches_reference, output_files, tree_digest
 from .scenarios import booleans_local
 
+pytestmark = pytest.mark.timeout(120)
+
 #: A miss ends in a compile: a full rebuild, or a relink onto a cached
 #: compile of the same modules.
 COMPILED = ("rebuilt", "relinked")

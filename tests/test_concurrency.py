@@ -14,6 +14,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import pytest
+
 import selcache
 from selcache.layout import read_layout
 from selcache.runner import Completed, run
@@ -21,6 +23,8 @@ from selcache.store import Cache
 
 from .conftest import REPO, assert_matches_reference, output_files
 from .scenarios import POLICIES, booleans_local, fcontext_local
+
+pytestmark = pytest.mark.timeout(180)
 
 TIMEOUT = 120
 

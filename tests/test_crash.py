@@ -35,6 +35,8 @@ from selcache.layout import read_layout
 from .conftest import REPO, assert_matches_reference, tree_digest
 from .scenarios import booleans_local, fcontext_local
 
+pytestmark = pytest.mark.timeout(300)
+
 CHILD_TIMEOUT = 120
 #: Kinds of step that are each a commit-relevant point: every one is a kill
 #: point. Of the rest (building and removing the copies), every third is.

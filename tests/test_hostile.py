@@ -28,6 +28,8 @@ from selcache.layout import read_layout
 from .conftest import assert_matches_reference, output_files
 from .scenarios import POLICIES, add_module, booleans_local
 
+pytestmark = pytest.mark.timeout(120)
+
 HOST_SELINUX = (Path("/etc/selinux"), Path("/var/lib/selinux"))
 
 

@@ -20,6 +20,8 @@ from selcache.layout import read_layout
 from .conftest import tree_digest
 from .scenarios import POLICIES, add_module, booleans_local
 
+pytestmark = pytest.mark.timeout(120)
+
 
 def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     code = main(list(argv))
