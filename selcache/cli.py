@@ -7,6 +7,7 @@ import json
 import logging
 import signal
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -40,6 +41,11 @@ def _parser() -> argparse.ArgumentParser:
                        "entries (builders only)")
     group.add_argument("--trusted-key", action="append", metavar="PEM",
                        help="ed25519 public key(s) whose entries are installed (repeatable)")
+    locking = argparse.ArgumentParser(add_help=False)
+    locking.add_argument("--lock-timeout", type=float, default=pipeline.DEFAULT_LOCK_TIMEOUT,
+                         metavar="SECONDS",
+                         help="how long to wait for the root's lock and libsemanage's before "
+                              "giving up (exit 8; default %(default)g)")
 
     epilog = "exit codes:\n" + "\n".join(f"  {code:>3}  {text}" for code, text in EXIT_CODES.items())
     parser = argparse.ArgumentParser(
@@ -49,9 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("status", parents=[common, fleet],
                    help="show the root's key, cache state and last finalize")
-    sub.add_parser("finalize", parents=[common, fleet],
+    sub.add_parser("finalize", parents=[common, fleet, locking],
                    help="make the installed policy match the inputs (cache, else compile)")
-    stage = sub.add_parser("stage", parents=[common, fleet],
+    stage = sub.add_parser("stage", parents=[common, fleet, locking],
                            help="compile ahead into the cache (or fetch it); install nothing")
     # The watcher's background compile: not the baseline that changes are reported against.
     stage.add_argument("--precompile", action="store_true", help=argparse.SUPPRESS)
@@ -126,9 +132,34 @@ def _human_status(doc: dict[str, Any]) -> str:
             f"precompile:         {pre['state']}"
             + (f" ({pre['key'][:16]})" if pre.get("key") else ""),
         ]
-    if doc.get("interrupted_install"):
+    if cache.get("problem"):
+        lines.append(f"WARNING: the cache is unusable ({cache['problem']}); finalize compiles")
+    failure = doc.get("failure")
+    if failure:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(failure.get("when", 0)))
+        first = (failure.get("message") or "").splitlines()[:1]
+        untouched = {True: "root left unchanged", False: "root NOT unchanged",
+                     None: "root state unknown"}.get(failure.get("root_unchanged"), "")
+        lines.append(f"FAILED finalize:   {when}, at step {failure.get('step', '?')}: "
+                     f"{failure.get('error')}: {first[0] if first else ''} ({untouched})")
+        if failure.get("stderr"):
+            lines += ["  semodule: " + line for line in failure["stderr"].strip().splitlines()]
+    interrupted = doc.get("interrupted")
+    if interrupted:
+        lines.append(f"WARNING: {_describe_interrupted(interrupted)}")
+    elif doc.get("interrupted_install"):
         lines.append("WARNING: an interrupted install was found; the next finalize repairs it")
     return "\n".join(lines)
+
+
+def _describe_interrupted(doc: dict[str, Any]) -> str:
+    if doc.get("repair") == "roll-forward":
+        new = [t for t, state in doc["trees"].items() if state == "exchanged"]
+        todo = [t for t, state in doc["trees"].items() if state == "pending"]
+        return ("an install was interrupted after its commit point ("
+                + (", ".join(new) + " new, " if new else "") + ", ".join(todo)
+                + " not yet); the next finalize rolls it forward")
+    return "an interrupted install left staged files; the next finalize removes them"
 
 
 def _human_explain(doc: dict[str, Any]) -> str:
@@ -262,10 +293,11 @@ def _run(args: argparse.Namespace) -> int:
         _emit(args, doc, _human_status(doc))
     elif args.command in ("finalize", "stage"):
         if args.command == "finalize":
-            result = pipeline.finalize(args.root, args.cache_dir, remote=_remote_config(args))
+            result = pipeline.finalize(args.root, args.cache_dir, remote=_remote_config(args),
+                                       lock_timeout=args.lock_timeout)
         else:
             result = pipeline.stage(args.root, args.cache_dir, precompile=args.precompile,
-                                    remote=_remote_config(args))
+                                    remote=_remote_config(args), lock_timeout=args.lock_timeout)
         doc = result.to_json()
         human = f"{result.action}: {result.policy_type} policy of {result.root} in {result.seconds:.3f}s"
         if result.written:

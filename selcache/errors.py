@@ -10,9 +10,14 @@ from __future__ import annotations
 
 
 class SelcacheError(Exception):
-    """Base of every error selcache raises on purpose."""
+    """Base of every error selcache raises on purpose.
+
+    ``root_unchanged`` is the promise behind every error: nothing in the root
+    was changed (an interrupted install found at the start may have been
+    repaired). The one exception sets it False and says so in its message."""
 
     exit_code = 1
+    root_unchanged = True
 
 
 class ConfigError(SelcacheError, ValueError):
@@ -52,15 +57,23 @@ class InputsChanged(SelcacheError):
 
 
 class CacheError(SelcacheError):
-    """The cache directory cannot be used safely."""
+    """The cache cannot be trusted: not ours, writable by others, symlinks.
+    A cache that merely does not work (garbage, locked, read-only, full) is
+    not an error: it is disabled for the run, with a warning."""
 
     exit_code = 6
 
 
 class InstallError(SelcacheError, OSError):
-    """Installing the output set failed; the root was left as it was."""
+    """Installing the output set failed; the root was left as it was, unless
+    ``root_unchanged`` is False: then an exchange failed and could not be
+    undone, and the next finalize rolls the install forward."""
 
     exit_code = 7
+
+    def __init__(self, message: str, *, root_unchanged: bool = True) -> None:
+        super().__init__(message)
+        self.root_unchanged = root_unchanged
 
 
 class Busy(SelcacheError):
@@ -88,9 +101,9 @@ EXIT_CODES: dict[int, str] = {
     InvalidRoot.exit_code: "invalid root: bad or missing SELinux config, path tricks, unexpected files",
     CompileError.exit_code: "semodule failed to build the policy (its stderr is shown)",
     InputsChanged.exit_code: "the root's inputs changed during the compile, twice",
-    CacheError.exit_code: "the cache directory is unsafe or unusable",
+    CacheError.exit_code: "the cache is unsafe (not ours, writable by others, symlinks)",
     InstallError.exit_code: "installing the output set failed; the root is unchanged",
-    Busy.exit_code: "another selcache holds the root's lock",
+    Busy.exit_code: "the root's lock or libsemanage's is held past --lock-timeout",
     SandboxError.exit_code: "the compile sandbox could not be set up",
     VerifyMismatch.exit_code: "verify: installed files differ from a fresh compile",
     130: "interrupted (SIGINT)",

@@ -217,17 +217,25 @@ def write_new_at(dir_fd: int, name: str, data: bytes, mode: int) -> None:
         os.close(fd)
 
 
+#: Temporary files of ``atomic_write_at`` are named ``.NAME`` + this + a pid;
+#: a crash leaves one behind, which the writer's owner cleans up.
+TMP_INFIX = ".selcache-tmp."
+
+
 def atomic_write_at(dir_fd: int, name: str, data: bytes, mode: int = 0o644) -> None:
     """Crash-safe replace: temp file beside the target, fsync, rename, fsync dir."""
-    tmp = f".{name}.selcache-tmp.{os.getpid()}"
+    tmp = f".{name}{TMP_INFIX}{os.getpid()}"
     try:
         os.unlink(tmp, dir_fd=dir_fd)
     except FileNotFoundError:
         pass
-    write_new_at(dir_fd, tmp, data, mode)
     try:
+        write_new_at(dir_fd, tmp, data, mode)
         os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except BaseException:
-        os.unlink(tmp, dir_fd=dir_fd)
+        try:
+            os.unlink(tmp, dir_fd=dir_fd)
+        except FileNotFoundError:
+            pass
         raise
     fsync_dir(dir_fd)

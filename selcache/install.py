@@ -7,11 +7,13 @@ builds a complete new copy beside it: unchanged files are hard links (nothing
 is ever written in place, so a file hardlinked into an ostree repo is never
 modified), changed files are new files with the replaced file's mode and
 SELinux label. One ``renameat2(RENAME_EXCHANGE)`` per tree then swaps old and
-new. On ostree-style roots the store lives inside ``etc/selinux/TYPE`` and one
-exchange commits everything. With two trees, an intent journal written before
-the first exchange lets the next run roll an interrupted install forward
-(``recover``). libsemanage itself commits by renaming ``active`` too
-(semanage_commit_sandbox), without the exchange.
+new; there is no non-atomic fallback. On ostree-style roots the store lives
+inside ``etc/selinux/TYPE`` and one exchange commits everything. With two
+trees, an intent journal written before the first exchange is the commit
+point, and ``recover`` rolls an interrupted install forward (or removes what
+an install cut short before it left). libsemanage itself commits by renaming
+``active`` too (semanage_commit_sandbox), then copies the final files one by
+one, with no recovery.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 from . import fsutil
 from .errors import Busy, InstallError, InvalidRoot
@@ -46,7 +49,6 @@ _libc = ctypes.CDLL(None, use_errno=True)
 class InstallReport:
     written: tuple[str, ...] = ()
     trees: tuple[str, ...] = ()
-    exchanged: bool = True
     seconds: float = 0.0
     recovered: tuple[str, ...] = field(default=())
 
@@ -60,20 +62,16 @@ def _renameat2_exchange(dir_fd: int, a: str, b: str) -> None:
         raise OSError(err, f"renameat2({a}, {b}, RENAME_EXCHANGE): {os.strerror(err)}")
 
 
-def _exchange(parent_fd: int, name: str, staging: str) -> bool:
-    """Swap ``staging`` and ``name``. Returns False if the fallback (two plain
-    renames, with a short window where ``name`` is missing) had to be used."""
-    try:
-        _renameat2_exchange(parent_fd, staging, name)
-        return True
-    except OSError as exc:
-        if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-            raise
-    aside = f".{name}.selcache-old"
-    os.rename(name, aside, src_dir_fd=parent_fd, dst_dir_fd=parent_fd)
-    os.rename(staging, name, src_dir_fd=parent_fd, dst_dir_fd=parent_fd)
-    os.rename(aside, staging, src_dir_fd=parent_fd, dst_dir_fd=parent_fd)
-    return False
+#: errno values saying the file system cannot exchange two names atomically.
+NO_EXCHANGE = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)
+
+
+def _exchange(parent_fd: int, name: str, staging: str) -> None:
+    """Swap ``staging`` and ``name`` in one step. There is no fallback: two
+    plain renames would leave a moment with no ``name`` at all, and a machine
+    that boots then finds no policy. Where the file system cannot exchange
+    (NFS, some FUSE file systems), installing fails with the root unchanged."""
+    _renameat2_exchange(parent_fd, staging, name)
 
 
 def _syncfs(fd: int) -> None:
@@ -227,6 +225,10 @@ def _journal_name(layout: Layout) -> str:
 
 
 def _trees(layout: Layout) -> list[str]:
+    # The store first, then the final files: libsemanage's own order
+    # (semanage_commit_sandbox renames the store, then installs the final
+    # files). A machine that boots between the two loads the old final files,
+    # a complete and consistent set; the journal makes the next run finish.
     return [layout.final] if layout.store_in_final else [layout.active, layout.final]
 
 
@@ -235,43 +237,158 @@ def _remove_tree(parent_fd: int, name: str) -> None:
         shutil.rmtree(name, dir_fd=parent_fd)
 
 
-def recover(layout: Layout) -> tuple[str, ...]:
-    """Finish or undo an install that was interrupted. Returns what was done."""
-    done: list[str] = []
-    with fsutil.opened_root(layout.root) as rfd, fsutil.opened_dir(rfd, "etc/selinux") as efd:
-        journal_name = _journal_name(layout)
-        plan = None
-        if fsutil.lstat_at(efd, journal_name) is not None:
+def _split(tree: str) -> tuple[str, str, str]:
+    """parent, name, staging name."""
+    parent, _, name = tree.rpartition("/")
+    return parent, name, f".{name}{STAGING_SUFFIX}"
+
+
+@dataclass(frozen=True)
+class TreeState:
+    """One tree of an interrupted install.
+
+    ``state``: ``pending`` (the new copy is staged, the exchange is still to
+    do: the journal says roll forward), ``exchanged`` (done; the old copy is
+    left beside it), ``leftover`` (no journal: a copy staged before the
+    commit point, or the old copy after a one-tree exchange; removed),
+    ``foreign`` (the tree changed since, e.g. a semodule commit: the staged
+    copy is removed and finalize installs from the inputs)."""
+
+    tree: str
+    state: str
+
+
+@dataclass(frozen=True)
+class Interrupted:
+    """What an interrupted install left in a root, and what recovery will do."""
+
+    committed: bool
+    trees: tuple[TreeState, ...]
+    stray: tuple[str, ...] = ()
+
+    @property
+    def repair(self) -> str:
+        return "roll-forward" if any(t.state == "pending" for t in self.trees) else "clean-up"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"committed": self.committed, "repair": self.repair,
+                "trees": {"/" + t.tree: t.state for t in self.trees},
+                "stray": ["/" + p for p in self.stray]}
+
+
+def _classify(rfd: int, tree: str, live: str, staged: str, step: Mapping[str, Any] | None) -> str:
+    if step is None:
+        return "leftover"
+    parent = _split(tree)[0]
+    probe, old, new = step["probe"], step["old_sha256"], step["new_sha256"]
+    live_sha = installed_digest(rfd, f"{parent}/{live}/{probe}")
+    staged_sha = installed_digest(rfd, f"{parent}/{staged}/{probe}")
+    # The probe is a file the install changes, so old != new: which copy
+    # holds which tells whether this tree was exchanged.
+    if live_sha == new and staged_sha == old:
+        return "exchanged"
+    if live_sha == old and staged_sha == new:
+        return "pending"
+    return "foreign"
+
+
+def _read_journal(efd: int, name: str) -> dict[str, Any] | None:
+    if fsutil.lstat_at(efd, name) is None:
+        return None
+    try:
+        plan = json.loads(fsutil.read_at(efd, name, max_size=1 << 20))
+        steps = {str(step["tree"]): step for step in plan["steps"]}
+        for step in steps.values():
+            str(step["probe"]), str(step["new_sha256"]), step["old_sha256"]
+    except (ValueError, KeyError, TypeError) as exc:
+        # Written with an atomic rename, so only tampering gets here. Without
+        # a plan nothing is rolled forward: staged copies are removed, and
+        # finalize then installs the right files from the inputs.
+        log.warning("install journal /etc/selinux/%s is unreadable (%s); ignoring it", name, exc)
+        return {"steps": {}}
+    return {"steps": steps}
+
+
+def _stray_names(efd: int, layout: Layout) -> list[str]:
+    prefix = f".{_journal_name(layout)}{fsutil.TMP_INFIX}"
+    with os.scandir(efd) as it:
+        return sorted(e.name for e in it if e.name.startswith(prefix))
+
+
+def inspect_install(layout: Layout) -> Interrupted | None:
+    """Read-only: what an interrupted install left behind, if anything."""
+    with fsutil.opened_root(layout.root) as rfd:
+        try:
+            efd = fsutil.open_dir(rfd, "etc/selinux")
+        except FileNotFoundError:
+            return None
+        try:
+            plan = _read_journal(efd, _journal_name(layout))
+            stray = [f"etc/selinux/{n}" for n in _stray_names(efd, layout)]
+        finally:
+            os.close(efd)
+        steps = plan["steps"] if plan else {}
+        states = []
+        for tree in _trees(layout):
+            parent, name, staging = _split(tree)
             try:
-                plan = json.loads(fsutil.read_at(efd, journal_name))
-            except ValueError:
-                plan = None
-        if plan is not None:
-            for step in plan.get("steps", []):
-                tree, probe, new_sha = step["tree"], step["probe"], step["new_sha256"]
-                parent, _, name = tree.rpartition("/")
-                staging = f".{name}{STAGING_SUFFIX}"
                 with fsutil.opened_dir(rfd, parent) as pfd:
                     if fsutil.lstat_at(pfd, staging) is None:
                         continue
-                    live = installed_digest(rfd, f"{tree}/{probe}")
-                    staged = installed_digest(rfd, f"{parent}/{staging}/{probe}")
-                    if live != new_sha and staged == new_sha:
-                        _exchange(pfd, name, staging)
-                        done.append(f"rolled forward /{tree}")
+            except FileNotFoundError:
+                continue
+            states.append(TreeState(tree, _classify(rfd, tree, name, staging, steps.get(tree))))
+    if plan is None and not states and not stray:
+        return None
+    return Interrupted(committed=plan is not None, trees=tuple(states), stray=tuple(stray))
+
+
+def recover(layout: Layout) -> tuple[str, ...]:
+    """Finish or undo an install that was interrupted. Returns what was done.
+    The caller holds the root lock and libsemanage's transaction lock.
+
+    Safe to interrupt at any point: every step leaves a state this function
+    recognises, so the next run carries on."""
+    done: list[str] = []
+    with fsutil.opened_root(layout.root) as rfd, fsutil.opened_dir(rfd, "etc/selinux") as efd:
+        journal = _journal_name(layout)
+        plan = _read_journal(efd, journal)
+        steps = plan["steps"] if plan else {}
         for tree in _trees(layout):
-            parent, _, name = tree.rpartition("/")
+            parent, name, staging = _split(tree)
             try:
                 with fsutil.opened_dir(rfd, parent) as pfd:
-                    staging = f".{name}{STAGING_SUFFIX}"
+                    if fsutil.lstat_at(pfd, staging) is None:
+                        continue
+                    state = _classify(rfd, tree, name, staging, steps.get(tree))
+                    if state == "pending":
+                        _exchange(pfd, name, staging)
+                        os.fsync(pfd)
+                        done.append(f"rolled forward /{tree}")
+                    elif state == "foreign":
+                        done.append(f"/{tree} changed after the interrupted install; "
+                                    "discarded its staged copy")
+            except FileNotFoundError:
+                continue
+        # Only once every exchange is done: the staged copies (old trees now,
+        # or new ones that never got committed) and then the journal.
+        for tree in _trees(layout):
+            parent, name, staging = _split(tree)
+            try:
+                with fsutil.opened_dir(rfd, parent) as pfd:
                     if fsutil.lstat_at(pfd, staging) is not None:
                         _remove_tree(pfd, staging)
-                        done.append(f"removed leftover /{parent}/{staging}")
                         os.fsync(pfd)
+                        done.append(f"removed /{parent}/{staging}")
             except FileNotFoundError:
-                pass
-        if plan is not None or fsutil.lstat_at(efd, journal_name) is not None:
-            os.unlink(journal_name, dir_fd=efd)
+                continue
+        for stray in _stray_names(efd, layout):
+            os.unlink(stray, dir_fd=efd)
+            done.append(f"removed /etc/selinux/{stray}")
+        if plan is not None:
+            os.unlink(journal, dir_fd=efd)
+            done.append(f"removed the journal /etc/selinux/{journal}")
+        if done:
             os.fsync(efd)
     for line in done:
         log.warning("recovered an interrupted install: %s", line)
@@ -289,9 +406,36 @@ def _next_commit_num(active_fd: int) -> bytes:
     return str(max(old, 0) + 1).encode().ljust(32, b"\0")
 
 
+def _check_output_path(rfd: int, rel: str) -> None:
+    """An output may replace a regular file or fill a missing one; never a
+    symlink, a FIFO or a device, and never below a symlinked directory."""
+    parts = fsutil.split_rel(rel)
+    fd = os.dup(rfd)
+    try:
+        for i, part in enumerate(parts):
+            st = fsutil.lstat_at(fd, part)
+            if st is None:
+                return
+            here = "/".join(parts[: i + 1])
+            last = i == len(parts) - 1
+            if last and not stat.S_ISREG(st.st_mode):
+                raise InvalidRoot(f"/{here} is {fsutil.describe_mode(st.st_mode)} where a policy "
+                                  "file belongs; refusing to replace it")
+            if not last:
+                if not stat.S_ISDIR(st.st_mode):
+                    raise InvalidRoot(f"/{here} is {fsutil.describe_mode(st.st_mode)} where a "
+                                      "directory belongs; refusing to install through it")
+                nfd = fsutil.open_dir(fd, part)
+                os.close(fd)
+                fd = nfd
+    finally:
+        os.close(fd)
+
+
 def install_outputs(layout: Layout, outputs: Mapping[str, tuple[bytes, int]]) -> InstallReport:
     """Make the root's output files equal ``outputs`` (root-relative path ->
-    (bytes, mode)), all or nothing. The caller holds the root lock."""
+    (bytes, mode)), all or nothing. The caller holds the root lock and
+    libsemanage's transaction lock."""
     start = time.monotonic()
     recovered = recover(layout)
     trees = _trees(layout)
@@ -306,23 +450,30 @@ def install_outputs(layout: Layout, outputs: Mapping[str, tuple[bytes, int]]) ->
     staged: list[tuple[str, str, str, str]] = []  # tree, parent, name, staging
     written: list[str] = []
     journal_steps = []
+    with fsutil.opened_root(layout.root) as rfd:
+        plan: dict[str, dict[str, tuple[bytes, int]]] = {}
+        for tree in trees:
+            for rel in by_tree[tree]:
+                _check_output_path(rfd, f"{tree}/{rel}")
+            changed = {rel: v for rel, v in by_tree[tree].items()
+                       if installed_digest(rfd, f"{tree}/{rel}") != hashlib.sha256(v[0]).hexdigest()}
+            if changed:
+                plan[tree] = changed
+    if not plan:
+        return InstallReport(seconds=time.monotonic() - start, recovered=recovered)
     try:
         with fsutil.opened_root(layout.root) as rfd:
-            for tree in trees:
-                files = by_tree[tree]
-                changed = {rel: v for rel, v in files.items()
-                           if installed_digest(rfd, f"{tree}/{rel}") != hashlib.sha256(v[0]).hexdigest()}
-                if not changed:
-                    continue
-                parent, _, name = tree.rpartition("/")
+            for tree, changed in plan.items():
+                parent, name, staging = _split(tree)
                 fsutil.makedirs_at(rfd, tree)
                 with fsutil.opened_dir(rfd, parent) as pfd, fsutil.opened_dir(pfd, name) as tfd:
                     if tree == layout.active:
                         changed["commit_num"] = (_next_commit_num(tfd), 0o644)
-                    staging = f".{name}{STAGING_SUFFIX}"
                     _remove_tree(pfd, staging)
                     os.mkdir(staging, 0o700, dir_fd=pfd)
                     staged.append((tree, parent, name, staging))
+                    probe = sorted(r for r in changed if r != "commit_num")[0]
+                    old_sha = installed_digest(tfd, probe)
                     with fsutil.opened_dir(pfd, staging) as sfd:
                         tst = os.fstat(tfd)
                         os.fchmod(sfd, stat.S_IMODE(tst.st_mode))
@@ -333,32 +484,14 @@ def install_outputs(layout: Layout, outputs: Mapping[str, tuple[bytes, int]]) ->
                         written += [f"{tree}/{r}" for r in builder.written]
                         _syncfs(sfd)
                     os.fsync(pfd)
-                probe = sorted(r for r in changed if r != "commit_num")[0] if len(changed) > 1 \
-                    else next(iter(changed))
-                journal_steps.append({"tree": tree, "probe": probe,
+                journal_steps.append({"tree": tree, "probe": probe, "old_sha256": old_sha,
                                       "new_sha256": hashlib.sha256(changed[probe][0]).hexdigest()})
-            if not staged:
-                return InstallReport(seconds=time.monotonic() - start, recovered=recovered)
             with fsutil.opened_dir(rfd, "etc/selinux") as efd:
                 if len(staged) > 1:
                     # Commit point: from here on the next run rolls forward.
                     fsutil.atomic_write_at(efd, _journal_name(layout),
                                            json.dumps({"version": 1, "steps": journal_steps}).encode(),
                                            0o600)
-                atomic = True
-                for tree, parent, name, staging in staged:
-                    with fsutil.opened_dir(rfd, parent) as pfd:
-                        atomic &= _exchange(pfd, name, staging)
-                        os.fsync(pfd)
-                staged_done = list(staged)
-                staged = []
-                for tree, parent, name, staging in staged_done:
-                    with fsutil.opened_dir(rfd, parent) as pfd:
-                        _remove_tree(pfd, staging)
-                        os.fsync(pfd)
-                if len(staged_done) > 1:
-                    os.unlink(_journal_name(layout), dir_fd=efd)
-                    os.fsync(efd)
     except InvalidRoot:
         _discard(layout, staged)
         raise
@@ -366,10 +499,60 @@ def install_outputs(layout: Layout, outputs: Mapping[str, tuple[bytes, int]]) ->
         _discard(layout, staged)
         raise InstallError(f"installing into {layout.root} failed before anything was "
                            f"replaced: {exc}") from exc
+    _commit(layout, staged)
     seconds = time.monotonic() - start
     log.info("installed %d files into %s in %.3fs", len(written), layout.root, seconds)
-    return InstallReport(written=tuple(written), trees=tuple(t for t, *_ in staged_done),
-                         exchanged=atomic, seconds=seconds, recovered=recovered)
+    return InstallReport(written=tuple(written), trees=tuple(t for t, *_ in staged),
+                         seconds=seconds, recovered=recovered)
+
+
+def _commit(layout: Layout, staged: list[tuple[str, str, str, str]]) -> None:
+    """Exchange every staged tree with its live one, then remove the old copies
+    and the journal. If an exchange fails, undo the ones done so the root is
+    as it was; only if that fails too is the journal left for the next run."""
+    done: list[tuple[str, str, str, str]] = []
+    with fsutil.opened_root(layout.root) as rfd, fsutil.opened_dir(rfd, "etc/selinux") as efd:
+        try:
+            for entry in staged:
+                _tree, parent, name, staging = entry
+                with fsutil.opened_dir(rfd, parent) as pfd:
+                    _exchange(pfd, name, staging)
+                    done.append(entry)
+                    os.fsync(pfd)
+        except OSError as exc:
+            try:
+                for _tree, parent, name, staging in reversed(done):
+                    with fsutil.opened_dir(rfd, parent) as pfd:
+                        _exchange(pfd, name, staging)
+                        os.fsync(pfd)
+            except OSError as undo_exc:
+                raise InstallError(
+                    f"installing into {layout.root} failed half-way ({exc}) and could not be "
+                    f"undone ({undo_exc}); the next finalize completes it",
+                    root_unchanged=False) from exc
+            _discard(layout, staged)
+            if len(staged) > 1:
+                os.unlink(_journal_name(layout), dir_fd=efd)
+                os.fsync(efd)
+            why = str(exc)
+            if exc.errno in NO_EXCHANGE:
+                why = ("the file system cannot exchange two directories atomically "
+                       f"(renameat2 RENAME_EXCHANGE: {exc.strerror}); selcache does not install "
+                       "without it")
+            raise InstallError(f"installing into {layout.root} failed: {why}; the root is "
+                               "unchanged") from exc
+        try:
+            for _tree, parent, _name, staging in staged:
+                with fsutil.opened_dir(rfd, parent) as pfd:
+                    _remove_tree(pfd, staging)
+                    os.fsync(pfd)
+            if len(staged) > 1:
+                os.unlink(_journal_name(layout), dir_fd=efd)
+                os.fsync(efd)
+        except OSError as exc:
+            # The new files are in place; what is left is the old copies,
+            # which the next run removes.
+            log.warning("installed, but could not clean up after it: %s", exc)
 
 
 def _discard(layout: Layout, staged: list[tuple[str, str, str, str]]) -> None:
@@ -378,5 +561,6 @@ def _discard(layout: Layout, staged: list[tuple[str, str, str, str]]) -> None:
             try:
                 with fsutil.opened_dir(rfd, parent) as pfd:
                     _remove_tree(pfd, staging)
+                    os.fsync(pfd)
             except OSError as exc:
                 log.warning("could not remove staging dir %s/%s: %s", parent, staging, exc)

@@ -147,6 +147,14 @@ def read_layout(root: str) -> Layout:
             with fsutil.opened_dir(rfd, layout.active):
                 pass
         except FileNotFoundError as exc:
+            if fsutil.lstat_rel(rfd, f"{layout.store}/previous") is not None:
+                # libsemanage renames active -> previous, then tmp -> active
+                # (semanage_commit_sandbox): a commit cut short in between.
+                # Which copy is right is not ours to guess.
+                raise InvalidRoot(
+                    f"{root}: /{layout.store} has previous/ but no active/: a libsemanage "
+                    "commit was interrupted; restore the store (e.g. rename previous to "
+                    "active, or run semodule -B) and retry") from exc
             raise InvalidRoot(f"{root}: no module store at /{layout.active} "
                               f"(policy type {policy_type!r} unknown?)") from exc
     return layout

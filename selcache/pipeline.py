@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import explain as explain_mod
-from . import fsutil, journal
+from . import fsutil, journal, stamp
 from . import remote as fleet
 from .compile import LINKED_FILES, Compiled, compile_policy, relink_policy
-from .errors import CompileError, InputsChanged, SelcacheError, VerifyMismatch
+from .errors import CacheError, CompileError, InputsChanged, SelcacheError, VerifyMismatch
 from .inputs import (
     MISSING,
     Hasher,
@@ -33,7 +33,14 @@ from .inputs import (
     module_component,
     single_file_inputs,
 )
-from .install import InstallReport, install_outputs, recover, root_lock, semanage_lock
+from .install import (
+    InstallReport,
+    inspect_install,
+    install_outputs,
+    recover,
+    root_lock,
+    semanage_lock,
+)
 from .key import RELINKABLE, Key, compute_key, diff_components, fold, is_link_component, \
     module_set_key
 from .layout import Layout, read_layout
@@ -44,6 +51,8 @@ from .store import DEFAULT_CACHE_DIR, Cache, Manifest, OutputFile, root_id
 log = logging.getLogger(__name__)
 
 ACTIONS = ("unchanged", "reused", "relinked", "rebuilt")
+#: How long finalize and stage wait for the root's lock and libsemanage's.
+DEFAULT_LOCK_TIMEOUT = 60.0
 
 
 def default_cache_dir() -> str:
@@ -68,6 +77,7 @@ class Result:
     #: How the installed output set was first produced: "rebuilt" (a full
     #: compile, byte-identical to semodule -B) or "relinked" (the same meaning).
     compiled_as: str | None = None
+    warnings: tuple[str, ...] = ()  # e.g. the cache could not be used
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -84,6 +94,7 @@ class Result:
             "hashed": self.hashed,
             "source": self.source,
             "compiled_as": self.compiled_as,
+            "warnings": list(self.warnings),
         }
 
 
@@ -107,6 +118,18 @@ class _Session:
         self._stat_cache: dict[str, StatEntry] | None = None
         self.hashed = 0
         self.timings["open"] = time.monotonic() - t
+        # For the failure stamp: where finalize was when it failed.
+        self.step = "open"
+        self.key: str | None = None
+        self.recovered: tuple[str, ...] = ()
+
+    def warnings(self) -> tuple[str, ...]:
+        out = []
+        if self.cache.rebuilt:
+            out.append(f"the cache database was damaged and has been rebuilt ({self.cache.rebuilt})")
+        if self.cache.problem:
+            out.append(f"the cache was not used: {self.cache.problem}")
+        return tuple(out)
 
     def close(self) -> None:
         if self.remote is not None:
@@ -140,7 +163,7 @@ class _Session:
         with fsutil.opened_root(self.layout.root) as rfd:
             for f in manifest.files:
                 st = fsutil.lstat_rel(rfd, f.path)
-                if st is None or not _is_reg(st):
+                if st is None or not _is_reg(st) or st.st_size != f.size:
                     ok = False
                     break
                 digest = hasher.digest(f.path, st, lambda p=f.path: fsutil.read_rel(rfd, p))
@@ -338,37 +361,62 @@ def _modes(manifest: Manifest, blobs: Mapping[str, bytes]) -> dict[str, tuple[by
 
 
 def finalize(root: str = "/", cache_dir: str | None = None, *, runner: Runner = run,
-             workdir: str | None = None, remote: RemoteConfig | None = None) -> Result:
+             workdir: str | None = None, remote: RemoteConfig | None = None,
+             lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> Result:
     """Make ``root``'s installed policy match its inputs, from the cache when
-    possible. Raises a SelcacheError, leaving the root as it was, on failure.
+    possible. Raises a SelcacheError, leaving the root as it was, on failure,
+    and leaves a failure stamp that ``status`` shows until the next success.
+    An unusable cache is a warning, never a failure: finalize compiles.
     ``remote``: the fleet tier (default: from the environment and config file)."""
     start = time.monotonic()
-    s = _Session(root, cache_dir, runner, workdir, remote or load_config())
+    directory = cache_dir or default_cache_dir()
+    try:
+        s = _Session(root, directory, runner, workdir, remote or load_config())
+    except CacheError:
+        raise  # an untrusted cache dir is no place for a stamp either
+    except SelcacheError as exc:
+        stamp.record_failure(directory, root, stamp.failure_doc(root, exc, step="open", key=None))
+        raise
     try:
         try:
-            result = _finalize(s, start)
-        except SelcacheError as exc:
-            s.record({"version": 1, "ok": False, "when": time.time(), "error": str(exc),
-                      "error_type": type(exc).__name__, "exit_code": exc.exit_code})
+            result = _finalize(s, start, lock_timeout)
+        except Exception as exc:
+            stamp.record_failure(directory, root, stamp.failure_doc(
+                root, exc, step=s.step, key=s.key, recovered=s.recovered))
+            if isinstance(exc, SelcacheError):
+                s.record({"version": 1, "ok": False, "when": time.time(), "error": str(exc),
+                          "error_type": type(exc).__name__, "exit_code": exc.exit_code,
+                          "step": s.step})
             raise
+        stamp.clear_failure(directory, root)
         s.record({"version": 1, "ok": True, "when": time.time(), **result.to_json()})
         return result
     finally:
         s.close()
 
 
-def _finalize(s: _Session, start: float) -> Result:
+def _finalize(s: _Session, start: float, lock_timeout: float) -> Result:
     layout = s.layout
-    with root_lock(layout):
-        recovered = recover(layout)
+    s.step = "lock"
+    with root_lock(layout, timeout=lock_timeout):
+        s.step = "recover"
+        if inspect_install(layout) is not None:
+            # Recovery exchanges trees: no semodule may commit meanwhile.
+            with semanage_lock(layout, timeout=lock_timeout):
+                s.recovered = recover(layout)
+        recovered = s.recovered
         for attempt in (1, 2):
+            s.step = "discover"
             inputs, key = s.discover()
+            s.key = key.hex
+            s.step = "lookup"
             manifest = s.lookup(key)
             if manifest is not None and s.installed_matches(manifest):
                 s.cache.count("hits")
                 return Result("unchanged", layout.root, layout.policy_type, key.hex,
                               time.monotonic() - start, recovered=recovered, timings=s.timings,
-                              hashed=s.hashed, compiled_as=manifest.compile_path)
+                              hashed=s.hashed, compiled_as=manifest.compile_path,
+                              warnings=s.warnings())
             outputs = s.load(manifest) if manifest is not None else None
             compile_seconds = None
             source: str | None = None
@@ -380,6 +428,7 @@ def _finalize(s: _Session, start: float) -> Result:
                 action, source = "reused", "remote"
             else:
                 s.cache.count("misses")
+                s.step = "compile"
                 try:
                     manifest, outputs, action = s.build_and_store(inputs, key)
                 except _Moved:
@@ -388,7 +437,8 @@ def _finalize(s: _Session, start: float) -> Result:
                     continue
                 compile_seconds = s.timings.get("compile")
             t = time.monotonic()
-            with semanage_lock(layout):
+            s.step = "install"
+            with semanage_lock(layout, timeout=lock_timeout):
                 _, now = s.discover()
                 if now.hex != key.hex:
                     log.warning("inputs of %s changed before install (attempt %d)",
@@ -400,14 +450,15 @@ def _finalize(s: _Session, start: float) -> Result:
                           time.monotonic() - start, written=report.written,
                           compile_seconds=compile_seconds, recovered=recovered + report.recovered,
                           timings=s.timings, hashed=s.hashed, source=source,
-                          compiled_as=manifest.compile_path)
+                          compiled_as=manifest.compile_path, warnings=s.warnings())
     raise InputsChanged(f"the SELinux inputs of {layout.root} kept changing while selcache "
                         "worked (twice); nothing was installed. Retry when the root is quiet.")
 
 
 def stage(root: str = "/", cache_dir: str | None = None, *, runner: Runner = run,
           workdir: str | None = None, precompile: bool = False,
-          remote: RemoteConfig | None = None) -> Result:
+          remote: RemoteConfig | None = None,
+          lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> Result:
     """Compile ahead and fill the cache; install nothing. Action is ``cached``
     (already in the local cache; uploaded to the fleet tier if this machine
     signs), ``fetched`` (from the fleet tier) or ``compiled``. A stage is the
@@ -416,7 +467,7 @@ def stage(root: str = "/", cache_dir: str | None = None, *, runner: Runner = run
     start = time.monotonic()
     s = _Session(root, cache_dir, runner, workdir, remote or load_config())
     try:
-        result = _stage(s, start)
+        result = _stage(s, start, lock_timeout)
         if not precompile:
             s.cache.put_json(journal.staged_name(s.rid), {"key": result.key, "when": time.time()})
         return result
@@ -424,8 +475,8 @@ def stage(root: str = "/", cache_dir: str | None = None, *, runner: Runner = run
         s.close()
 
 
-def _stage(s: _Session, start: float) -> Result:
-    with root_lock(s.layout):
+def _stage(s: _Session, start: float, lock_timeout: float) -> Result:
+    with root_lock(s.layout, timeout=lock_timeout):
         for _attempt in (1, 2):
             inputs, key = s.discover()
             manifest = s.lookup(key)
@@ -468,6 +519,7 @@ def status(root: str = "/", cache_dir: str | None = None, *,
         remote_doc = fleet.status_doc(s.remote, s.cache, key.hex, s.layout.policy_type)
         if predicted == "rebuilt" and remote_doc["entry"] == "verified":
             predicted = "reused"
+        interrupted = inspect_install(s.layout)
         return {
             "version": 1,
             "root": s.layout.root,
@@ -478,25 +530,16 @@ def status(root: str = "/", cache_dir: str | None = None, *,
             "predicted_action": predicted,
             "components": len(key.components),
             "inputs": len(inputs.files),
-            "interrupted_install": _interrupted(s.layout),
+            "interrupted_install": interrupted is not None,
+            "interrupted": interrupted.to_json() if interrupted else None,
             "cache": {"dir": s.cache.directory, **s.cache.stats()},
             "last_finalize": s.cache.get_json(f"last:{s.rid}"),
+            "failure": stamp.read_failure(s.cache.directory, root),
             "watcher": journal.report(journal.load(s.cache, s.rid)),
             "remote": remote_doc,
         }
     finally:
         s.close()
-
-
-def _interrupted(layout: Layout) -> bool:
-    with fsutil.opened_root(layout.root) as rfd:
-        if fsutil.lstat_rel(rfd, f"etc/selinux/.selcache-install-{layout.policy_type}.json"):
-            return True
-        for tree in (layout.active, layout.final):
-            parent, _, name = tree.rpartition("/")
-            if fsutil.lstat_rel(rfd, f"{parent}/.{name}.selcache-new"):
-                return True
-    return False
 
 
 def verify(root: str = "/", cache_dir: str | None = None, *, runner: Runner = run,
