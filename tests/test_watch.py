@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -75,14 +74,17 @@ def children_of(pid: int) -> list[int]:
 
 
 @contextmanager
-def running_watcher(root: Path, cache_dir: str, *args: str) -> Iterator[subprocess.Popen[bytes]]:
+def running_watcher(root: Path, cache_dir: str, *args: str,
+                    tmpdir: Path | None = None) -> Iterator[subprocess.Popen[bytes]]:
     """`selcache watch` in a child process, ready (first scan done) on entry,
-    stopped with SIGTERM on exit, and checked to leave no process behind."""
+    stopped with SIGTERM on exit, and checked to leave no process behind.
+    ``tmpdir``: where its precompiles make their sandboxes."""
     started = time.time()
+    env = {**os.environ, **({"TMPDIR": str(tmpdir)} if tmpdir else {})}
     proc = subprocess.Popen(
         [sys.executable, "-m", "selcache", "watch", "--root", str(root), "--cache-dir", cache_dir,
          "--interval", "1", *args],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     try:
         def ready() -> bool:
             doc = pipeline.status(str(root), cache_dir)["watcher"]
@@ -279,8 +281,9 @@ def test_refpolicy_change_mid_precompile_supersedes_it(ref_root: Path, cache_dir
     during the background compile kills it, and nothing is stored under the
     key it was compiling."""
     assert pipeline.stage(str(ref_root), cache_dir).action == "compiled"
-    sandboxes = set(Path(tempfile.gettempdir()).glob("selcache-sandbox-*"))
-    with running_watcher(ref_root, cache_dir, "--debounce", "1"):
+    sandboxes = tmp_path / "sandboxes"
+    sandboxes.mkdir()
+    with running_watcher(ref_root, cache_dir, "--debounce", "1", tmpdir=sandboxes):
         semodule_install(ref_root, POLICIES / "refpolicy" / "demoapp.cil")
         (active(ref_root) / "booleans.local").write_text(
             "httpd_can_network_connect=1\nhttpd_enable_homedirs=1\n")
@@ -301,7 +304,7 @@ def test_refpolicy_change_mid_precompile_supersedes_it(ref_root: Path, cache_dir
         result = pipeline.finalize(str(ref_root), cache_dir)
         assert result.action == "reused"
     # The killed compile's sandbox was removed as it unwound.
-    assert set(Path(tempfile.gettempdir()).glob("selcache-sandbox-*")) <= sandboxes
+    assert not list(sandboxes.iterdir())
     assert_matches_reference(ref_root, tmp_path)
 
 
