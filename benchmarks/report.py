@@ -86,9 +86,9 @@ def breakdown(doc: Doc, cmd: Doc | None) -> list[tuple[str, float]]:
     names = {"open": "open the cache", "discover": "discovery (walk, stat)",
              "lookup": "lookup", "check_installed": "check installed files",
              "load": "load + verify blobs", "install": "install", "compile": "compile (sandbox)",
-             "store": "store in the cache"}
-    for key in ("open", "discover", "lookup", "check_installed", "load", "install", "compile",
-                "store"):
+             "store": "store in the cache", "remember": "record stats after install"}
+    for key in ("open", "discover", "lookup", "check_installed", "load", "install", "remember",
+                "compile", "store"):
         if key in timings:
             value = timings.pop(key)
             if key == "discover" and hashing is not None:
@@ -134,6 +134,10 @@ def _ratio_target(doc: Doc, t: Ratio) -> Doc:
     if ratio > t.limit:
         parts = breakdown(doc, cmd)
         reasons.append(f"{_t(wall)} against a budget of {_t(budget)}; largest parts: {_top(parts)}")
+        imports = _wall(doc, "imports")
+        if imports is not None and imports > budget and "compile" not in cmd.get("timings_ms", {}):
+            reasons.append(f"python start-up and selcache's imports alone take {_t(imports)} "
+                           "(the `imports` row)")
         if "compile" in cmd.get("timings_ms", {}):
             compile_s = cmd["timings_ms"]["compile"] / 1000
             reasons.append(f"the sandboxed `semodule -B` alone took {_t(compile_s)} "
@@ -168,6 +172,9 @@ def _scaling_target(doc: Doc) -> Doc:
     out.update(wall_s=wall, met=wall <= HIT_10X_S)
     parts = breakdown(doc, at10)
     out["why"] = f"{_t(wall)}; largest parts: {_top(parts)}"
+    floor = doc["scaling"]["commands"].get("floor", {}).get("10", {}).get("wall_s")
+    if floor:
+        out["why"] += f"; the floor at 10x is {_t(floor['median'])}"
     return out
 
 
@@ -304,6 +311,13 @@ def markdown(doc: Doc) -> str:
                     f"in one new process): {_ms(floor)}; `unchanged` is "
                     f"{(_wall(doc, 'unchanged') or 0) / floor:.1f} × the floor."]
         out.append("")
+    for factor, d in sorted(doc.get("discovery", {}).items(), key=lambda kv: int(kv[0])):
+        out.append(f"- discovery alone at {factor}x ({d['inputs']} inputs, in-process, best of 3): "
+                   f"{d['warm_ms']:.0f} ms with a full stat cache (walk + lstat, {d['hashed_warm']} "
+                   f"hashed), {d['cold_ms']:.0f} ms with an empty one ({d['hashed_cold']} read and "
+                   f"hashed: {d['hash_ms']:.0f} ms of hashing)")
+    if doc.get("discovery"):
+        out.append("")
     if doc.get("importtime"):
         out += ["### Imports of one `unchanged` finalize (`-X importtime` self time, which "
                 "inflates)", "", "| module | ms |", "|---|---|"]
@@ -395,8 +409,7 @@ def plot(doc: Doc, path: Path) -> None:
             pts = [(f["modules"], per[str(f["factor"])]["wall_s"]["median"]) for f in sc["factors"]
                    if "wall_s" in per.get(str(f["factor"]), {})]
             if pts:
-                kind = "anchor" if name.startswith("semodule") else "selcache"
-                style = "--" if kind == "anchor" else "-"
+                style = "--" if name.startswith("semodule") else (":" if name == "floor" else "-")
                 curve.plot([x for x, _ in pts], [y for _, y in pts], style, marker="o",
                            label=name)
         curve.axhline(HIT_10X_S, color="k", lw=0.8, ls=":",

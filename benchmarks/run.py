@@ -74,11 +74,13 @@ def main_commands(pristine: Path, work: Path, install: env.Install, dev: env.Ins
 
 def scaling_commands(root: Path, work: Path, install: env.Install, flag: str) -> list[c.Command]:
     cache = work / "cache"
+    unchanged = c.Unchanged("unchanged", "finalize, nothing changed", install, root,
+                            work / "unchanged", cache)
     return [
         c.Semodule("semodule-B", "semodule -N -B", root, work / "semodule-B", "-B",
                    env.CHILD_ENV, warmup=False),
-        c.Unchanged("unchanged", "finalize, nothing changed", install, root, work / "unchanged",
-                    cache),
+        unchanged,
+        c.Floor(install, lambda: unchanged.root, work / "floor"),
         c.Semodule("semodule-refresh", f"semodule -N {flag}", root, work / "semodule-refresh",
                    flag, env.CHILD_ENV, warmup=True),
         c.Reused("reused", "finalize, inputs seen before", install, root, work / "reused", cache),
@@ -162,6 +164,25 @@ def importtime(install: env.Install, root: Path, cache: Path) -> list[dict[str, 
     return [{"module": k, "self_ms": round(v / 1000, 2)} for k, v in ranked]
 
 
+def discovery_profile(root: Path, repeat: int = 3) -> dict[str, Any]:
+    """Discovery alone, in this process (no start-up, no imports): with an empty
+    stat cache (every input read and hashed, as on a fresh deployment) and with
+    a full one (only a walk and an lstat per input). Best of ``repeat``."""
+    layout = read_layout(str(root))
+    cold, warm = [], []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        inputs = discover_inputs(layout, None)
+        cold.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        warmed = discover_inputs(layout, inputs.stat_cache)
+        warm.append(time.perf_counter() - t)
+    return {"inputs": len(inputs.files), "hashed_cold": inputs.hashed,
+            "hashed_warm": warmed.hashed, "cold_ms": round(min(cold) * 1000, 1),
+            "warm_ms": round(min(warm) * 1000, 1),
+            "hash_ms": round((min(cold) - min(warm)) * 1000, 1)}
+
+
 def policy_facts(root: Path) -> dict[str, Any]:
     layout = read_layout(str(root))
     modules = root / layout.active / "modules"
@@ -214,6 +235,7 @@ def _main(argv: Sequence[str] | None) -> int:
     unchanged = next(x for x in cmds if x.name == "unchanged")
     assert isinstance(unchanged, c.Selcache)
     imports = importtime(install, unchanged.root, unchanged.cache)
+    discovery = {"1": discovery_profile(unchanged.root)}
 
     scaling: dict[str, Any] = {"factors": [], "runs": scaling_runs, "commands": {}}
     if not args.no_scaling:
@@ -222,12 +244,15 @@ def _main(argv: Sequence[str] | None) -> int:
             root = synth.scaled_root(factor)
             facts = policy_facts(root)
             if factor == 1:
-                scmds = [x for x in cmds if x.name in
-                         ("semodule-B", "unchanged", "semodule-refresh", "reused", "module-first")]
+                scmds = [x for x in cmds if x.name in ("semodule-B", "unchanged", "floor",
+                                                       "semodule-refresh", "reused", "module-first")]
                 runs_here = args.runs
             else:
                 scmds = scaling_commands(root, work / f"scale-{factor}x", install, flag)
                 run_rounds(scmds, scaling_runs)
+                scaled = next(x for x in scmds if x.name == "unchanged")
+                assert isinstance(scaled, c.Selcache)
+                discovery[str(factor)] = discovery_profile(scaled.root)
                 runs_here = scaling_runs
             scaling["factors"].append({"factor": factor, "runs": runs_here, **facts})
             for cmd in scmds:
@@ -245,6 +270,7 @@ def _main(argv: Sequence[str] | None) -> int:
         "policy": policy_facts(pristine),
         "commands": {cmd.name: command_doc(cmd) for cmd in cmds},
         "importtime": imports,
+        "discovery": discovery,
         "scaling": scaling,
     }
     doc["settings"]["duration_s"] = round(time.monotonic() - started, 1)
