@@ -5,6 +5,7 @@ the analysis' libraries."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +28,7 @@ def test_unchanged_finalize_loads_no_watcher_or_analysis_library(small_root: Pat
     selcache.finalize(str(small_root), cache_dir)
     done = subprocess.run([sys.executable, "-c", _PROBE, "finalize", "--root", str(small_root),
                            "--cache-dir", cache_dir, "--json"], capture_output=True, text=True,
-                          check=True, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+                          check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     result, probe = done.stdout.strip().rsplit("\n", 1)
     assert json.loads(result)["action"] == "unchanged"
     loaded = json.loads(probe)["modules"]
