@@ -249,13 +249,13 @@ class Selcache(Command):
 
     def selcache(self, *args: str, check: bool = True) -> dict[str, Any]:
         """An untimed selcache command (set-up); returns its JSON."""
-        done = spawn([self.install.selcache, *args, "--root", str(self.root), "--cache-dir",
+        done = spawn([*self.install.command, *args, "--root", str(self.root), "--cache-dir",
                       str(self.cache), "--json"], env=self.install.env, check=check)
         doc: dict[str, Any] = json.loads(done.stdout)
         return doc
 
     def argv(self) -> list[str]:
-        return [self.install.selcache, self.subcommand, "--root", str(self.root), "--cache-dir",
+        return [*self.install.command, self.subcommand, "--root", str(self.root), "--cache-dir",
                 str(self.cache), "--json"]
 
     def env(self) -> dict[str, str]:
@@ -385,7 +385,7 @@ class Precompiled(Selcache):
         self.waited: list[float] = []
 
     def prepare(self) -> None:
-        probe = spawn([self.install.selcache, "watch", "--help"], env=self.install.env,
+        probe = spawn([*self.install.command, "watch", "--help"], env=self.install.env,
                       check=False)
         if probe.returncode != 0:
             raise NotAvailable("n/a: needs `selcache watch`")
@@ -393,7 +393,7 @@ class Precompiled(Selcache):
         self.selcache("finalize")
         self.log = open(self.work / "watch.log", "wb")  # noqa: SIM115 - closed in close()
         self.watcher = subprocess.Popen(
-            [self.install.selcache, "watch", "--root", str(self.root), "--cache-dir",
+            [*self.install.command, "watch", "--root", str(self.root), "--cache-dir",
              str(self.cache)], stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log,
             env=self.install.env)
 

@@ -39,7 +39,7 @@ class Install:
     environment it runs in."""
 
     name: str
-    selcache: str
+    command: tuple[str, ...]  # argv prefix that runs the ``selcache`` command
     python: str
     env: dict[str, str]
 
@@ -63,7 +63,7 @@ def bench_venv() -> Install:
         (venv / ".deps").write_text("\n".join(deps) + "\n")
     # --no-build-isolation: build with the venv's own setuptools, offline.
     _run([*pip, "install", "--no-deps", "--no-build-isolation", "--force-reinstall", str(REPO)])
-    return Install("bench-venv", str(venv / "bin/selcache"), str(venv / "bin/python"),
+    return Install("bench-venv", (str(venv / "bin/selcache"),), str(venv / "bin/python"),
                    dict(CHILD_ENV))
 
 
@@ -76,7 +76,10 @@ def dev_venv() -> Install:
     # disabled writing it, and compiling every module at every start is not
     # what anybody runs.
     _run([sys.executable, "-m", "compileall", "-q", str(REPO / "selcache")])
-    return Install("dev-venv", str(venv / "bin/selcache"), str(venv / "bin/python"),
+    # The console script as this checkout defines it, whatever entry point the
+    # venv's (possibly older) generated script names.
+    python = str(venv / "bin/python")
+    return Install("dev-venv", (python, "-c", "from selcache.cli import run; run()"), python,
                    {**CHILD_ENV, "PYTHONPATH": str(REPO)})
 
 
@@ -129,7 +132,7 @@ def loadavg() -> list[float]:
 
 
 def versions(install: Install) -> dict[str, str | None]:
-    selcache = _run([install.selcache, "--version"]).split()[-1] if install else None
+    selcache = _run([*install.command, "--version"]).split()[-1]
     commit = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"],
                             capture_output=True, text=True, check=False).stdout.strip()
     return {

@@ -149,7 +149,7 @@ def command_doc(cmd: c.Command) -> dict[str, Any]:
 def importtime(install: env.Install, root: Path, cache: Path) -> list[dict[str, Any]]:
     """Where the imports of one unchanged finalize go (-X importtime, which
     itself inflates the figures): self time summed per top-level package."""
-    done = spawn([install.python, "-X", "importtime", install.selcache, "finalize", "--root",
+    done = spawn([install.python, "-X", "importtime", *install.command[-1:], "finalize", "--root",
                   str(root), "--cache-dir", str(cache), "--json"], env=install.env)
     per: dict[str, int] = {}
     for line in done.stderr.splitlines():
@@ -265,7 +265,7 @@ def _main(argv: Sequence[str] | None) -> int:
         "load": {"before": load_before, "after": env.loadavg()},
         "versions": env.versions(install),
         "settings": {"runs": args.runs, "install": install.name,
-                     "selcache": install.selcache, "refresh_flag": flag,
+                     "selcache": " ".join(install.command), "refresh_flag": flag,
                      "child_env": sorted(install.env), "duration_s": 0.0},
         "policy": policy_facts(pristine),
         "commands": {cmd.name: command_doc(cmd) for cmd in cmds},
