@@ -34,10 +34,15 @@ from .measure import Sample, spawn
 #: wait it out after an install.
 RACY_SECONDS = RACY_NS / 1e9 + 0.2
 
+#: The reference rows end as the selcache command does (cli.run): with
+#: os._exit, without the interpreter's teardown, so that start-up, imports and
+#: the floor compare with it part for part.
+EXIT = "os._exit(0)"
 STAT_SCRIPT = ("import os, sys\n"
                "for p in open(sys.argv[1]).read().split('\\n'):\n"
                "    try: os.stat(p, follow_symlinks=False)\n"
-               "    except FileNotFoundError: pass\n")
+               "    except FileNotFoundError: pass\n"
+               f"{EXIT}\n")
 
 
 class NotAvailable(Exception):

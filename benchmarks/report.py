@@ -158,6 +158,12 @@ def _rss_target(doc: Doc) -> Doc:
     worst = max(peaks, key=lambda k: peaks[k])
     out.update(measured_mib=peaks[worst], met=peaks[worst] <= HIT_RSS_MIB,
                why="highest: " + ", ".join(f"{k} {v:.1f} MiB" for k, v in peaks.items()))
+    scaled = doc.get("scaling", {}).get("commands", {})
+    larger = [f"{name} {v['rss_mib']['max']:.0f} MiB at {f}x"
+              for name in HIT_RSS_FROM for f, v in sorted(scaled.get(name, {}).items())
+              if f != "1" and "rss_mib" in v]
+    if larger:
+        out["why"] += "; on the larger stores: " + ", ".join(larger)
     return out
 
 
@@ -398,8 +404,8 @@ def plot(doc: Doc, path: Path) -> None:
     bars.set_xlabel("wall time, s (median, min–max; log scale)")
     bars.set_title(f"refpolicy, {doc['policy']['modules']} modules: "
                    "anchors (red), selcache (blue), references (grey)")
-    for y, m in zip(ys, med):
-        bars.text(m * 1.08, y, _t(m), va="center", fontsize=8)
+    for y, m, h in zip(ys, med, hi):
+        bars.text((m + h) * 1.12, y, _t(m), va="center", fontsize=8)
     bars.grid(axis="x", which="both", alpha=0.3)
 
     sc = doc.get("scaling", {})

@@ -26,7 +26,7 @@ from selcache.layout import read_layout
 
 from . import commands as c
 from . import env, measure, report, synth
-from .measure import Sample, spawn, summarize
+from .measure import spawn, summarize
 
 
 def _log(msg: str) -> None:
@@ -56,13 +56,13 @@ def main_commands(pristine: Path, work: Path, install: env.Install, dev: env.Ins
         sc(c.BooleanFirst, "boolean-first", "finalize, a boolean changed, first time",
            booleans=booleans[:runs]),
         c.Python("python", "python start-up (the same interpreter, nothing imported)", install,
-                 "pass"),
+                 f"import os; {c.EXIT}"),
         sc(c.ModuleFirst, "module-first", "finalize, a new module, first time"),
         c.Floor(install, lambda: unchanged.root, work / "floor"),
         sc(c.Staged, "staged", "finalize right after `selcache stage`",
            booleans=booleans[-runs:]),
         c.Python("imports", "python start-up + import selcache.cli", install,
-                 "import selcache.cli"),
+                 f"import os, selcache.cli; {c.EXIT}"),
         sc(c.Status, "status", "status --json", subcommand="status"),
         sc(c.Precompiled, "precompiled", "finalize right after the watcher's precompile"),
         sc(c.UnchangedNewInodes, "unchanged-new-inodes",
