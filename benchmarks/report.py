@@ -286,6 +286,12 @@ def markdown(doc: Doc) -> str:
         *scenario_table(doc),
         "",
     ]
+    out += [
+        "Reading the ratios: every anchor ran on this machine in this run, interleaved with "
+        "the scenarios, so load hits both; but a slow anchor makes a ratio look better. "
+        "Compare absolute times too: `unchanged` against `floor` and `imports` below.",
+        "",
+    ]
     secilc = doc["commands"].get("secilc", {})
     if "reproduces_policy_linked" in secilc:
         same = "reproduces" if secilc["reproduces_policy_linked"] else "does NOT reproduce"
@@ -341,7 +347,9 @@ def scaling_section(doc: Doc) -> list[str]:
     names = list(sc["commands"])
     out = ["## Scaling", "",
            "Stores with extra synthetic modules (benchmarks/synth.py), wall time medians "
-           "(min–max).", "",
+           "(min–max). Each round also runs the compiles of the same store, which push the "
+           "hit path's directory entries and inodes out of the kernel's caches: discovery in "
+           "the `unchanged` runs is slower than discovery alone above.", "",
            "| store | modules | inputs | " + " | ".join(f"`{n}`" for n in names) + " |",
            "|---|---|---|" + "---|" * len(names)]
     for f in sc["factors"]:

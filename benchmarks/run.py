@@ -193,6 +193,15 @@ def policy_facts(root: Path) -> dict[str, Any]:
             "store_files": sum(1 for f in inputs if f.rel.startswith(layout.active + "/"))}
 
 
+def write_report(doc: dict[str, Any], out: Path, *, readme: bool) -> None:
+    report.analyse(doc)
+    (out / "latest.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    (out / "latest.md").write_text(report.markdown(doc))
+    report.plot(doc, out / "latest.png")
+    if readme:
+        report.update_readme(env.REPO / "README.md", doc)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _main(argv)
@@ -214,7 +223,15 @@ def _main(argv: Sequence[str] | None) -> int:
     parser.add_argument("--no-readme", action="store_true",
                         help="do not update the table in README.md")
     parser.add_argument("--keep-work", action="store_true", help="keep the roots and caches")
+    parser.add_argument("--report-only", action="store_true",
+                        help="measure nothing: rewrite latest.md, latest.png and the README's "
+                             "table from latest.json")
     args = parser.parse_args(argv)
+    out = Path(args.out)
+    if args.report_only:
+        stored: dict[str, Any] = json.loads((out / "latest.json").read_text())
+        write_report(stored, out, readme=not args.no_readme)
+        return 0
     if args.runs < 1:
         parser.error("--runs must be at least 1")
     scaling_runs = args.scaling_runs or args.runs
@@ -274,15 +291,8 @@ def _main(argv: Sequence[str] | None) -> int:
         "scaling": scaling,
     }
     doc["settings"]["duration_s"] = round(time.monotonic() - started, 1)
-    report.analyse(doc)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "latest.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
-    md = report.markdown(doc)
-    (out / "latest.md").write_text(md)
-    report.plot(doc, out / "latest.png")
-    if not args.no_readme:
-        report.update_readme(env.REPO / "README.md", doc)
+    write_report(doc, out, readme=not args.no_readme)
     if not args.keep_work:
         shutil.rmtree(work, ignore_errors=True)
     _log(f"wrote {out}/latest.json, latest.md, latest.png in {doc['settings']['duration_s']:.0f}s")
