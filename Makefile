@@ -9,7 +9,7 @@ APT_PACKAGES := semodule-utils secilc policycoreutils python3-setools python3-se
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 STAMP := $(VENV)/.selcache-installed
 
-.PHONY: all deps demo test test-fast typecheck clean
+.PHONY: all deps demo test test-fast typecheck bench clean
 
 all: test
 
@@ -40,6 +40,14 @@ test-fast: deps
 
 typecheck: deps
 	$(PY) -m mypy selcache
+
+# Regenerates benchmarks/results/latest.{json,md,png} and the README's table.
+# BENCH_RUNS=3 for fewer rounds, BENCH_SCALING=0 to skip the 3x/10x stores.
+BENCH_RUNS ?= 5
+BENCH_SCALING ?= 1
+bench: deps
+	$(SUDO) $(PY) -m benchmarks --runs $(BENCH_RUNS) \
+		$(if $(filter 0 no false,$(BENCH_SCALING)),--no-scaling,)
 
 clean:
 	rm -rf $(VENV) .cache demo-root .pytest_cache .mypy_cache

@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from . import __version__, pipeline
 from .errors import EXIT_CODES, SelcacheError
@@ -364,3 +365,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"selcache: unexpected error: {type(exc).__name__}: {exc} (rerun with --debug)",
               file=sys.stderr)
         return 1
+
+
+def run() -> NoReturn:
+    """The ``selcache`` command: ``main()``, then exit without tearing the
+    interpreter down. A finalize that finds everything in place takes about
+    100 ms, and freeing every module's objects at exit, which the kernel
+    reclaims anyway, took 10 of them. By now selcache has closed everything it
+    opened; only the standard streams and logging are left to flush."""
+    code = main()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

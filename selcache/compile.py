@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from . import fsutil
 from .errors import CompileError, InputsChanged, SandboxError
-from .inputs import ACCOUNT_DIRS, DIRECTORY, MISSING, Inputs, single_file_inputs
+from .inputs import ACCOUNT_DIRS, DIRECTORY, MISSING, InputFile, Inputs, single_file_inputs
 from .layout import CONFIG_REL, SEMANAGE_CONF_REL, Layout
 from .runner import Runner, run
 
@@ -78,6 +78,7 @@ class Sandbox:
         self.layout = layout
         self.path = tempfile.mkdtemp(prefix="selcache-sandbox-", dir=workdir)
         self.placed: set[str] = set()
+        self._dirs: set[str] = set()
         self._bind: list[str] = []
 
     def __enter__(self) -> Sandbox:
@@ -97,7 +98,10 @@ class Sandbox:
 
     def write(self, rel: str, data: bytes, mode: int = 0o644) -> None:
         full = os.path.join(self.path, rel)
-        os.makedirs(os.path.dirname(full), exist_ok=True)
+        parent = os.path.dirname(full)
+        if parent not in self._dirs:
+            os.makedirs(parent, exist_ok=True)
+            self._dirs.add(parent)
         with open(full, "wb") as fh:
             fh.write(data)
         os.chmod(full, mode)
@@ -115,18 +119,27 @@ class Sandbox:
         """Copy every present input into the sandbox, checking each file's bytes
         against the digest the key was computed from."""
         layout = self.layout
+        by_dir: dict[str, list[InputFile]] = {}
+        for f in inputs.files:
+            if f.rel.startswith(("host:", "selcache:")) or f.digest == MISSING:
+                continue
+            if f.digest == DIRECTORY:
+                os.makedirs(os.path.join(self.path, f.rel), exist_ok=True)
+                continue
+            by_dir.setdefault(f.rel.rpartition("/")[0], []).append(f)
         with fsutil.opened_root(layout.root) as rfd:
-            for f in inputs.files:
-                if f.rel.startswith(("host:", "selcache:")) or f.digest == MISSING:
-                    continue
-                if f.digest == DIRECTORY:
-                    os.makedirs(os.path.join(self.path, f.rel), exist_ok=True)
-                    continue
-                data = fsutil.read_rel(rfd, f.rel)
-                if hashlib.sha256(data).hexdigest() != f.digest:
-                    raise InputsChanged(f"{f.rel} changed while it was copied into the sandbox")
-                st = fsutil.lstat_rel(rfd, f.rel)
-                self.write(f.rel, data, stat.S_IMODE(st.st_mode) if st else 0o644)
+            for parent, files in by_dir.items():
+                # One no-symlink walk per directory, not two per file: a store
+                # holds a directory per module and every compile copies them all.
+                with fsutil.opened_dir(rfd, parent) as dfd:
+                    for f in files:
+                        name = f.rel.rpartition("/")[2]
+                        data = fsutil.read_at(dfd, name, what=f.rel)
+                        if hashlib.sha256(data).hexdigest() != f.digest:
+                            raise InputsChanged(f"{f.rel} changed while it was copied into the "
+                                                "sandbox")
+                        st = fsutil.lstat_at(dfd, name)
+                        self.write(f.rel, data, stat.S_IMODE(st.st_mode) if st else 0o644)
         self._prepare_system()
 
     def _prepare_system(self) -> None:

@@ -162,23 +162,37 @@ class Entry:
 
 
 def walk_files(dir_fd: int, prefix: str = "") -> Iterator[Entry]:
-    """Yield every regular file below ``dir_fd`` in sorted order, never following
+    """Every regular file below ``dir_fd`` in sorted order, never following
     symlinks. Special files and symlinks raise InvalidRoot."""
+    files: list[Entry] = []
+    _walk(dir_fd, prefix, files)
+    return iter(files)
+
+
+def _by_name(entry: os.DirEntry[str]) -> str:
+    return entry.name
+
+
+def _walk(dir_fd: int, prefix: str, out: list[Entry]) -> None:
+    # Discovery walks every store directory on every run (one per module),
+    # so this loop is the hit path's: directories are told apart by the
+    # directory entry's type, without an lstat; only files are stat'ed, their
+    # stat is what the stat cache compares.
     with os.scandir(dir_fd) as it:
-        entries = sorted(it, key=lambda e: e.name)
+        entries = sorted(it, key=_by_name)
     for entry in entries:
-        rel = f"{prefix}{entry.name}"
-        st = entry.stat(follow_symlinks=False)
-        if stat.S_ISDIR(st.st_mode):
+        if entry.is_dir(follow_symlinks=False):
             sub = os.open(entry.name, _DIR_FLAGS, dir_fd=dir_fd)
             try:
-                yield from walk_files(sub, rel + "/")
+                _walk(sub, f"{prefix}{entry.name}/", out)
             finally:
                 os.close(sub)
-        elif stat.S_ISREG(st.st_mode):
-            yield Entry(rel, st)
-        else:
-            raise InvalidRoot(f"{rel} is {describe_mode(st.st_mode)}, expected a regular file")
+            continue
+        st = entry.stat(follow_symlinks=False)
+        if not stat.S_ISREG(st.st_mode):
+            raise InvalidRoot(f"{prefix}{entry.name} is {describe_mode(st.st_mode)}, "
+                              "expected a regular file")
+        out.append(Entry(prefix + entry.name, st))
 
 
 def fsync_dir(dir_fd: int) -> None:

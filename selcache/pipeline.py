@@ -175,6 +175,40 @@ class _Session:
         self.timings["check_installed"] = time.monotonic() - t
         return ok
 
+    def remember_installed(self, manifest: Manifest) -> None:
+        """Record the stat of every store input and output file that the install
+        just linked or wrote, with the content it already knows for them.
+
+        An install hard-links every unchanged store file into the new tree and
+        unlinks the old tree, and each link and unlink bumps the inode's ctime:
+        without this, the next run would read and hash the whole store and all
+        outputs again. Only a file whose device, inode, size and mtime are still
+        what was hashed before the install (under libsemanage's lock, held
+        since) gets its new ctime; anything else is left for the next run to hash.
+        """
+        t = time.monotonic()
+        layout, old = self.layout, self._stat_cache or {}
+        inputs: dict[str, StatEntry] = dict(old)
+        outputs: dict[str, StatEntry] = {}
+        with fsutil.opened_root(layout.root) as rfd:
+            with fsutil.opened_dir(rfd, layout.active) as afd:
+                for entry in fsutil.walk_files(afd):
+                    rel = f"{layout.active}/{entry.rel}"
+                    known = old.get(rel)
+                    st = entry.st
+                    sig = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+                    if known is not None and known[:4] == sig[:4] and sig[4] >= known[4]:
+                        inputs[rel] = (*sig, known[5])
+            for f in manifest.files:
+                ost = fsutil.lstat_rel(rfd, f.path)
+                if ost is not None and _is_reg(ost) and ost.st_size == f.size:
+                    outputs[f.path] = (ost.st_dev, ost.st_ino, ost.st_size, ost.st_mtime_ns,
+                                       ost.st_ctime_ns, f.sha256)
+        self._stat_cache = inputs
+        self.cache.put_json(f"statcache:{self.rid}", inputs)
+        self.cache.put_json(f"outstat:{self.rid}", outputs)
+        self.timings["remember"] = time.monotonic() - t
+
     def lookup(self, key: Key) -> Manifest | None:
         t = time.monotonic()
         manifest = self.cache.get_manifest(key.hex)
@@ -445,7 +479,8 @@ def _finalize(s: _Session, start: float, lock_timeout: float) -> Result:
                                 layout.root, attempt)
                     continue
                 report: InstallReport = install_outputs(layout, _modes(manifest, outputs))
-            s.timings["install"] = time.monotonic() - t
+                s.timings["install"] = time.monotonic() - t
+                s.remember_installed(manifest)
             return Result(action, layout.root, layout.policy_type, key.hex,
                           time.monotonic() - start, written=report.written,
                           compile_seconds=compile_seconds, recovered=recovered + report.recovered,
