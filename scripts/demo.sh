@@ -30,8 +30,9 @@ run "$SELCACHE" stage --root "$ROOT" --cache-dir "$CACHE"
 step "Finalization at shutdown: the policy comes from the cache"
 run "$SELCACHE" finalize --root "$ROOT" --cache-dir "$CACHE"
 
-step "A change: a user whose home lies outside /home"
+step "A change: a user whose home lies outside /home (accounts only: relinked, no CIL compile)"
 run sh -c "echo 'carol:x:1002:1002:Carol:/srv/home/carol:/bin/bash' >> $ROOT/etc/passwd"
+run "$SELCACHE" explain --root "$ROOT" --cache-dir "$CACHE"
 run "$SELCACHE" finalize --root "$ROOT" --cache-dir "$CACHE"
 run grep -m 3 '^/srv/home' "$HOMEDIRS"
 

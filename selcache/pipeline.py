@@ -580,25 +580,41 @@ def status(root: str = "/", cache_dir: str | None = None, *,
 def verify(root: str = "/", cache_dir: str | None = None, *, runner: Runner = run,
            workdir: str | None = None) -> dict[str, Any]:
     """Recompile in a sandbox, ignoring the cache, and compare byte for byte
-    with what is installed. Raises VerifyMismatch listing the differences."""
+    with what is installed. A kernel policy that came from a relink differs
+    in its bytes: it passes if it means the same (setools), and is listed
+    under ``same_meaning``. Raises VerifyMismatch listing the differences."""
     s = _Session(root, cache_dir, runner, workdir)
     try:
         inputs, key = s.discover()
         compiled = compile_policy(inputs, runner=runner, workdir=workdir)
         differ: list[str] = []
+        same_meaning: list[str] = []
         with fsutil.opened_root(s.layout.root) as rfd:
             for rel, (data, _mode) in sorted(compiled.files.items()):
                 st = fsutil.lstat_rel(rfd, rel)
-                if st is None or not _is_reg(st) or fsutil.read_rel(rfd, rel) != data:
-                    differ.append(rel)
+                installed = fsutil.read_rel(rfd, rel) if st is not None and _is_reg(st) else None
+                if installed == data:
+                    continue
+                if installed is not None and _is_kernel_policy(s.layout, rel):
+                    from . import analysis  # setools, only when the bytes differ
+
+                    if not analysis.semantic_differences(data, installed):
+                        same_meaning.append(rel)
+                        continue
+                differ.append(rel)
         doc = {"version": 1, "root": s.layout.root, "key": key.hex, "files": len(compiled.files),
-               "differ": differ, "ok": not differ}
+               "differ": differ, "same_meaning": same_meaning, "ok": not differ}
         if differ:
             raise VerifyMismatch(f"{len(differ)} installed file(s) differ from a fresh compile: "
                                  + ", ".join("/" + d for d in differ))
         return doc
     finally:
         s.close()
+
+
+def _is_kernel_policy(layout: Layout, rel: str) -> bool:
+    return rel == f"{layout.active}/policy.kern" or \
+        rel.startswith(f"{layout.final}/policy/policy.")
 
 
 def gc(cache_dir: str | None = None, *, max_age: float | None = None) -> dict[str, int]:

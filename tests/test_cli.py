@@ -108,3 +108,23 @@ def test_the_finalizer_example_refreshes_then_finds_nothing_to_do(small_root: Pa
     bad = subprocess.run([sys.executable, str(example), str(small_root)], env=env,
                          capture_output=True, text=True)
     assert bad.returncode == 3 and "failed" in bad.stderr
+
+
+def test_verify_accepts_a_relinked_policy_by_meaning_only(small_root: Path, cache_dir: str,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    args = ("--root", str(small_root), "--cache-dir", cache_dir, "--json")
+    layout = read_layout(str(small_root))
+    policy = next((small_root / layout.final / "policy").glob("policy.*"))
+    assert main(["finalize", *args[:-1]]) == 0
+    before = policy.read_bytes()
+    booleans_local(small_root)
+    capsys.readouterr()
+    assert main(["finalize", *args]) == 0
+    assert json.loads(capsys.readouterr().out)["action"] == "relinked"
+    code, doc, _ = run(capsys, "verify", *args)
+    assert code == 0 and doc["ok"]
+    assert f"{layout.final}/policy/{policy.name}" in doc["same_meaning"]
+    # The old policy (the boolean's default differs) is not the same meaning.
+    policy.write_bytes(before)
+    code, _, err = run(capsys, "verify", *args[:-1])
+    assert code == 10 and policy.name in err
