@@ -41,13 +41,17 @@ test-fast: deps
 typecheck: deps
 	$(PY) -m mypy selcache
 
-# Regenerates benchmarks/results/latest.{json,md,png} and the README's table.
-# BENCH_RUNS=3 for fewer rounds, BENCH_SCALING=0 to skip the 3x/10x stores.
+# Regenerates benchmarks/results/latest.{json,md,png} and the README's table,
+# then the fleet scenario (benchmarks/results/fleet.{json,md}).
+# BENCH_RUNS=3 for fewer rounds, BENCH_SCALING=0 to skip the 3x/10x stores,
+# BENCH_FLEET=0 to skip the fleet scenario.
 BENCH_RUNS ?= 5
 BENCH_SCALING ?= 1
+BENCH_FLEET ?= 1
 bench: deps
 	$(SUDO) $(PY) -m benchmarks --runs $(BENCH_RUNS) \
 		$(if $(filter 0 no false,$(BENCH_SCALING)),--no-scaling,)
+	$(if $(filter 0 no false,$(BENCH_FLEET)),,$(SUDO) $(PY) benchmarks/fleet.py --machines 20)
 
 clean:
 	rm -rf $(VENV) .cache demo-root .pytest_cache .mypy_cache

@@ -140,7 +140,8 @@ def _ratio_target(doc: Doc, t: Ratio) -> Doc:
                            "(the `imports` row)")
         if "compile" in cmd.get("timings_ms", {}):
             compile_s = cmd["timings_ms"]["compile"] / 1000
-            reasons.append(f"the sandboxed `semodule -B` alone took {_t(compile_s)} "
+            what = "relink" if "relinked" in actions else "`semodule -B`"
+            reasons.append(f"the sandboxed {what} alone took {_t(compile_s)} "
                            f"({compile_s / anchor:.2f} x the bare anchor); selcache's own work "
                            f"{_t(wall - compile_s)}")
     out["why"] = "; ".join(reasons) if reasons else f"{_t(wall)} within {_t(budget)}"
