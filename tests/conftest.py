@@ -148,3 +148,25 @@ def assert_matches_reference(root: Path, workdir: Path, *, semantic_policy: bool
                 f"{rel} differs in meaning from a fresh semodule -B"
             differ.remove(rel)
     assert not differ, f"differ from a fresh semodule -B: {differ}"
+
+
+def hold_lock(path: Path, seconds: float) -> subprocess.Popen[bytes]:
+    """Another process holding an flock on ``path`` for ``seconds``; returns
+    once it really holds it, so that what runs next contends for it."""
+    import fcntl
+    import time
+
+    holder = subprocess.Popen(["flock", str(path), "sleep", str(seconds)])
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for _ in range(250):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return holder
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            time.sleep(0.02)
+    finally:
+        os.close(fd)
+    holder.kill()
+    raise AssertionError(f"the holder never took {path}")

@@ -5,12 +5,9 @@ key. (Three finalizes on one root at once: tests/test_install.py.)"""
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,7 +18,7 @@ from selcache.layout import read_layout
 from selcache.runner import Completed, run
 from selcache.store import Cache
 
-from .conftest import REPO, assert_matches_reference, output_files
+from .conftest import REPO, assert_matches_reference, hold_lock, output_files
 from .scenarios import POLICIES, booleans_local, fcontext_local
 
 pytestmark = pytest.mark.timeout(180)
@@ -43,29 +40,11 @@ def results(procs: Sequence[subprocess.Popen[str]]) -> list[dict[str, object]]:
     return docs
 
 
-def hold_briefly(path: Path, seconds: float) -> subprocess.Popen[bytes]:
-    """Hold the lock on ``path`` for a while, so that the runs started next
-    queue up on it and really contend."""
-    holder = subprocess.Popen(["flock", str(path), "sleep", str(seconds)])
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        for _ in range(250):
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return holder
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            time.sleep(0.02)
-    finally:
-        os.close(fd)
-    raise AssertionError("the holder never took the lock")
-
-
 def test_stage_and_finalize_at_once_compile_once(small_root: Path, cache_dir: str,
                                                  tmp_path: Path) -> None:
     booleans_local(small_root)
     args = ("--root", str(small_root), "--cache-dir", cache_dir)
-    holder = hold_briefly(small_root / read_layout(str(small_root)).store_root, 1.0)
+    holder = hold_lock(small_root / read_layout(str(small_root)).store_root, 1.0)
     procs = [cli("stage", *args), cli("finalize", *args)]
     holder.wait(timeout=TIMEOUT)
     staged, finalized = results(procs)

@@ -5,7 +5,6 @@ changed. The cases with a documented safe behaviour follow the table."""
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
 import shutil
@@ -25,7 +24,7 @@ from selcache.cli import main
 from selcache.fsutil import MAX_FILE_SIZE
 from selcache.layout import read_layout
 
-from .conftest import assert_matches_reference, output_files
+from .conftest import assert_matches_reference, hold_lock, output_files
 from .scenarios import POLICIES, add_module, booleans_local
 
 pytestmark = pytest.mark.timeout(120)
@@ -160,32 +159,15 @@ def garbage_cil(w: World) -> None:
     (w.active / "modules/100/web/cil").write_bytes(os.urandom(4096))
 
 
-def _hold(path: Path) -> subprocess.Popen[bytes]:
-    holder = subprocess.Popen(["flock", str(path), "sleep", "60"])
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        for _ in range(250):
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return holder
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            time.sleep(0.02)
-    finally:
-        os.close(fd)
-    holder.kill()
-    raise AssertionError(f"the holder never took {path}")
-
-
 HOLDERS: list[subprocess.Popen[bytes]] = []
 
 
 def held_trans_lock(w: World) -> None:
-    HOLDERS.append(_hold(w.root / "var/lib/selinux/small/semanage.trans.LOCK"))
+    HOLDERS.append(hold_lock(w.root / "var/lib/selinux/small/semanage.trans.LOCK", 60))
 
 
 def held_root_lock(w: World) -> None:
-    HOLDERS.append(_hold(w.root / "var/lib/selinux"))
+    HOLDERS.append(hold_lock(w.root / "var/lib/selinux", 60))
 
 
 @pytest.fixture(autouse=True)
