@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ from selcache import stamp
 from selcache.cli import main
 from selcache.layout import read_layout
 
-from .conftest import tree_digest
+from .conftest import hold_lock, tree_digest
 from .scenarios import POLICIES, add_module, booleans_local
 
 pytestmark = pytest.mark.timeout(120)
@@ -81,9 +80,8 @@ def test_invalid_root_is_stamped_before_the_cache_is_opened(small_root: Path,
 def test_busy_is_stamped(small_root: Path, cache_dir: str) -> None:
     layout = read_layout(str(small_root))
     booleans_local(small_root)
-    holder = subprocess.Popen(["flock", str(small_root / layout.store_root), "sleep", "60"])
+    holder = hold_lock(small_root / layout.store_root, 60)
     try:
-        _wait_for_lock(small_root / layout.store_root)
         with pytest.raises(selcache.Busy):
             selcache.finalize(str(small_root), cache_dir, lock_timeout=0.5)
     finally:
@@ -115,21 +113,3 @@ def test_a_stamp_that_cannot_be_written_does_not_hide_the_error(
     (small_root / "etc/selinux/config").write_text("SELINUXTYPE=../x\n")
     with pytest.raises(selcache.InvalidRoot):
         selcache.finalize(str(small_root), str(not_a_dir))
-
-
-def _wait_for_lock(path: Path) -> None:
-    import fcntl
-    import time
-
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        for _ in range(200):
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            time.sleep(0.02)
-    finally:
-        os.close(fd)
-    raise AssertionError(f"nobody took the lock on {path}")
